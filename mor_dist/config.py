@@ -1,0 +1,318 @@
+"""Typed run config: model, routing, parallel, data, train, tracking, run; YAML plus dotted overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_mor.yaml"
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or impossible; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """Transformer shape and the recursion layout."""
+
+    kind: Literal["vanilla", "recursive", "mor"] = "mor"
+    num_layers: int = 8  # effective (unrolled) depth, the paper's L
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 192
+    seq_length: int = 128
+    vocab_size: Optional[int] = None  # None: the tokenizer's size, padded to a multiple of 128 * tp
+    num_recursions: int = 3
+    sharing: Literal["cycle", "sequence", "middle_cycle", "middle_sequence"] = "middle_cycle"
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    tie_embeddings: bool = True
+
+
+@dataclass
+class RoutingConfig:
+    """Router of a MoR model (ignored by vanilla and recursive models)."""
+
+    kind: Literal["expert_choice", "token_choice"] = "expert_choice"
+    capacities: Optional[list[float]] = None  # None: c_r = (N_r - r + 1) / N_r
+    alpha: Optional[float] = None  # gate scale; None: 0.1 expert-choice, 1.0 token-choice
+    activation: Optional[Literal["sigmoid", "softmax", "tanh"]] = None  # None: sigmoid / softmax
+    gating: Literal["weighted", "identity"] = "weighted"
+    aux_loss_coeff: float = 0.001  # expert-choice BCE
+    z_loss_coeff: float = 0.0  # 0 disables router z-loss
+    aux_router: bool = False  # expert-choice: extra router on detached input, used at inference
+    balance_loss_coeff: float = 0.1  # token-choice
+    loss_free_balancing: bool = False  # token-choice: bias update instead of balancing loss
+    bias_update_rate: float = 0.001
+    kv_sharing: bool = False  # recursion-1 keys/values reused by later recursions
+    inference_rule: Literal["topk", "threshold"] = "topk"  # threshold: causal rule
+    threshold: float = 0.5  # on sigmoid(logit), the point the BCE aux loss trains towards
+
+
+@dataclass
+class ParallelConfig:
+    """megatron-core parallel layout; workers = tp * pp * dp."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    sequence_parallel: bool = False
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Corpus and tokenizer."""
+
+    dataset: str = "bundled"  # "bundled", a local file/dir (txt, jsonl, parquet) or a hub name
+    tokenizer: str = "bundled"  # "bundled", a local directory or a hub name
+    text_column: str = "text"
+    validation_fraction: float = 0.05
+    streaming: bool = False
+    num_proc: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and loop settings."""
+
+    steps: int = 60
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    lr: float = 3e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 6
+    decay_fraction: float = 0.2  # warmup-stable-decay: linear cool-down over the last fraction
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16", "fp8"] = "fp32"
+    fp8_recipe: Literal["tensorwise", "blockwise", "delayed"] = "tensorwise"
+    seed: int = 1234
+    log_interval: int = 5
+    eval_interval: int = 0  # 0: only at the end
+    eval_batches: int = 4
+    checkpoint_interval: int = 0  # 0: only at the end
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow."""
+
+    uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite under run.storage_path
+    experiment: str = "mor-dist"
+    enabled: bool = True
+
+
+@dataclass
+class RunSettings:
+    """Where outputs go and how failures are handled."""
+
+    name: Optional[str] = None  # None: derived from the config file name
+    storage_path: str = "runs"
+    max_failures: int = 0
+
+
+@dataclass
+class RunConfig:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.tp * self.parallel.pp * self.parallel.dp
+
+    @property
+    def capacities(self) -> list[float]:
+        """Per-recursion capacity c_r (all 1.0 when there is no router)."""
+        n = self.model.num_recursions
+        if self.model.kind != "mor":
+            return [1.0] * n
+        if self.routing.capacities is not None:
+            return list(self.routing.capacities)
+        return [(n - r) / n for r in range(n)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check (and lightly coerce) one value against its dataclass annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if isinstance(value, bool) and all(isinstance(a, str) for a in args):
+            value = str(value).lower()
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """Instantiate a config dataclass from a dict, rejecting unknown keys by name."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}'; valid keys under '{prefix or '.'}' are {names}")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{dotted}' must be a mapping of {hints[key].__name__} fields")
+            kwargs[key] = _build(hints[key], value, f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    """Apply one `a.b=value` override to a nested dict (value parsed as YAML)."""
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (default: configs/tiny_mor.yaml), apply `key.sub=value` overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; presets are in {REPO_ROOT / 'configs'}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw.strip())
+    cfg = _build(RunConfig, tree, "")
+    if cfg.run.name is None:
+        cfg.run.name = path.stem
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject impossible combinations before anything expensive starts."""
+    m, r, p, t = cfg.model, cfg.routing, cfg.parallel, cfg.train
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+                "ffn_hidden_size", "seq_length", "num_recursions"):
+        _require(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}")
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size={m.hidden_size} must be divisible by model.num_attention_heads={m.num_attention_heads}")
+    _require(m.num_attention_heads % m.num_query_groups == 0,
+             f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
+             f"model.num_query_groups={m.num_query_groups}")
+    if m.kind == "vanilla":
+        _require(m.num_recursions == 1, f"model.kind=vanilla needs model.num_recursions=1, got {m.num_recursions}")
+        _require(not r.kv_sharing, "routing.kv_sharing needs recursions; it is not available for model.kind=vanilla")
+    else:
+        _require(m.num_recursions >= 2,
+                 f"model.kind={m.kind} needs model.num_recursions >= 2 (use model.kind=vanilla for 1)")
+    if m.kind != "vanilla":
+        from mor_dist.model.sharing import layer_plan  # local import: sharing imports this module
+
+        layer_plan(m.sharing, m.num_layers, m.num_recursions)  # raises ConfigError naming the fix
+    if m.kind == "mor":
+        _require(m.sharing in ("cycle", "middle_cycle"),
+                 f"model.sharing={m.sharing} cannot be routed: MoR needs cycle or middle_cycle")
+        caps = cfg.capacities
+        _require(len(caps) == m.num_recursions,
+                 f"routing.capacities has {len(caps)} entries; it needs one per recursion ({m.num_recursions})")
+        _require(all(0.0 < c <= 1.0 for c in caps), f"routing.capacities must lie in (0, 1], got {caps}")
+        _require(all(a >= b for a, b in zip(caps, caps[1:])),
+                 f"routing.capacities must not increase across recursions, got {caps}")
+        _require(r.kind == "expert_choice" or not r.aux_router,
+                 "routing.aux_router is an expert-choice option; set routing.kind=expert_choice")
+        _require(0.0 < r.threshold < 1.0, f"routing.threshold must lie in (0, 1), got {r.threshold}")
+    for key in ("tp", "pp", "dp"):
+        _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    _require(m.num_attention_heads % p.tp == 0,
+             f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
+    _require(m.num_query_groups % p.tp == 0,
+             f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tp={p.tp}")
+    _require(m.ffn_hidden_size % p.tp == 0,
+             f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tp={p.tp}")
+    if p.sequence_parallel:
+        _require(p.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
+        _require(m.seq_length % p.tp == 0,
+                 f"model.seq_length={m.seq_length} must be divisible by parallel.tp={p.tp} for sequence parallel")
+    _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    per_step = t.micro_batch_size * p.dp
+    _require(t.global_batch_size % per_step == 0,
+             f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+             f"train.micro_batch_size * parallel.dp = {per_step}")
+    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(0 <= t.min_lr <= t.lr, f"train.min_lr must lie in [0, train.lr], got {t.min_lr}")
+    _require(0 <= t.warmup_steps < t.steps or t.steps == 1,
+             f"train.warmup_steps={t.warmup_steps} must be below train.steps={t.steps}")
+    _require(0.0 <= t.decay_fraction <= 1.0, f"train.decay_fraction must lie in [0, 1], got {t.decay_fraction}")
+    _require(t.log_interval >= 1, f"train.log_interval must be >= 1, got {t.log_interval}")
+    _require(0.0 < cfg.data.validation_fraction < 1.0,
+             f"data.validation_fraction must lie in (0, 1), got {cfg.data.validation_fraction}")
+    if m.vocab_size is not None:
+        _require(m.vocab_size % p.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
+    _require(cfg.run.max_failures >= 0, f"run.max_failures must be >= 0, got {cfg.run.max_failures}")

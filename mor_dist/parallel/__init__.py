@@ -1,0 +1,1 @@
+"""megatron parallel state, CPU shims and the recursion-following pipeline."""

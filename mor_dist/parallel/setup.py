@@ -1,0 +1,77 @@
+"""megatron parallel_state over the process group Ray Train (or a test) created; per-rank seeds."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+import torch.distributed as dist
+
+from mor_dist.config import ParallelConfig
+from mor_dist.parallel.cpu_compat import apply_cpu_shims
+
+
+def use_cuda(parallel: ParallelConfig) -> bool:
+    """Whether this run places the model on CUDA."""
+    if parallel.use_gpu == "auto":
+        return torch.cuda.is_available()
+    return parallel.use_gpu == "true"
+
+
+def init_single_process(port: int | None = None) -> None:
+    """A world of one (tests, dry runs, export): gloo on loopback."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if port is None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
+    """initialize_model_parallel over the existing default group, then seed as megatron does."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mp_random
+
+    apply_cpu_shims()
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed must be initialised before init_model_parallel")
+    world = dist.get_world_size()
+    expected = parallel.tp * parallel.pp * parallel.dp
+    if world != expected:
+        raise RuntimeError(f"world size {world} != parallel.tp*pp*dp = {expected}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        create_gloo_process_groups=not torch.cuda.is_available(),
+    )
+    seed_all(seed)
+
+
+def seed_all(seed: int) -> None:
+    """Python, torch and megatron's model-parallel RNG streams; pipeline stages get distinct seeds."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mp_random
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    mp_random.model_parallel_cuda_manual_seed(seed)
+
+
+def teardown() -> None:
+    """Destroy megatron groups and the default process group (tests)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
