@@ -223,17 +223,36 @@ def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load YAML (default: configs/tiny_mor.yaml), apply `key.sub=value` overrides, validate."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge two config trees (top wins)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """Read one YAML file, resolving its optional `inherit: other.yaml` (relative to the file)."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; presets are in {REPO_ROOT / 'configs'}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} inherits itself through {[str(p) for p in seen]}")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
+    parent = tree.pop("inherit", None)
+    if parent is None:
+        return tree
+    return _merge(_read_tree(path.parent / str(parent), seen + (path.resolve(),)), tree)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (default: configs/tiny_mor.yaml), apply `key.sub=value` overrides, validate."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    tree = _read_tree(path, seen=())
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like section.key=value")

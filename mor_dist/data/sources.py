@@ -1,0 +1,149 @@
+"""Where documents come from: the bundled corpus, local txt/jsonl/json/parquet files, or a hub dataset."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, IterableDataset, load_dataset
+
+from mor_dist.config import ConfigError, DataConfig
+
+BUNDLED_CORPUS = Path(__file__).resolve().parent / "bundled" / "corpus"
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+LOCAL_BUILDERS = frozenset(BUILDERS.values())
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved `data.dataset`: a `datasets` builder with local files, or a hub dataset name."""
+
+    spec: str  # data.dataset as written
+    builder: str  # "text" | "json" | "parquet" for local files, else the hub name
+    data_files: tuple[str, ...]
+    config_name: str | None
+    split: str
+    text_column: str
+
+    @property
+    def is_local(self) -> bool:
+        return self.builder in LOCAL_BUILDERS and bool(self.data_files)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form (for the cache manifest)."""
+        return {**asdict(self), "data_files": list(self.data_files)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Source:
+        """Inverse of `to_dict`."""
+        return cls(**{**values, "data_files": tuple(values["data_files"])})
+
+    def _load(self, streaming: bool) -> Dataset | IterableDataset:
+        if self.is_local:
+            extra = {"sample_by": "paragraph"} if self.builder == "text" else {}
+            return load_dataset(self.builder, data_files=list(self.data_files), split="train",
+                                streaming=streaming, **extra)
+        return load_dataset(self.builder, self.config_name, split=self.split, streaming=streaming)
+
+    def load(self) -> Dataset:
+        """The whole dataset, checked: readable, not empty, with a string `data.text_column`."""
+        try:
+            dataset = self._load(streaming=False)
+        except Exception as err:  # datasets raises many types (DatasetGenerationError, FileNotFoundError, ...)
+            raise _unreadable(self.spec, err) from err
+        if len(dataset) == 0:
+            raise ConfigError(f"data.dataset={self.spec!r} holds no records; point it at a non-empty dataset")
+        if self.text_column not in dataset.column_names:
+            raise _missing_column(self.spec, self.text_column, dataset.column_names)
+        dtype = getattr(dataset.features[self.text_column], "dtype", None)
+        if dtype not in ("string", "large_string"):
+            raise ConfigError(f"data.text_column={self.text_column!r} of data.dataset={self.spec!r} holds "
+                              f"{dataset.features[self.text_column]}, not text; choose a string column")
+        return dataset
+
+    def stream(self) -> IterableDataset:
+        """The dataset as a lazily read stream."""
+        try:
+            return self._load(streaming=True)
+        except Exception as err:
+            raise _unreadable(self.spec, err) from err
+
+    def check_stream(self) -> None:
+        """Check a stream's first record: present, with a string `data.text_column`."""
+        try:
+            first = next(iter(self.stream()), None)
+        except ConfigError:
+            raise
+        except Exception as err:
+            raise _unreadable(self.spec, err) from err
+        if first is None:
+            raise ConfigError(f"data.dataset={self.spec!r} holds no records; point it at a non-empty dataset")
+        if self.text_column not in first:
+            raise _missing_column(self.spec, self.text_column, list(first))
+        if not isinstance(first[self.text_column], str):
+            raise ConfigError(f"data.text_column={self.text_column!r} of data.dataset={self.spec!r} does not "
+                              "hold text; choose a string column")
+
+    def fingerprint(self, dataset: Dataset | None) -> str:
+        """Content hash of local files; `datasets`' own fingerprint (or just the name) for hub data."""
+        if not self.is_local:
+            return dataset._fingerprint if dataset is not None else f"{self.builder}:{self.config_name}:{self.split}"
+        digest = hashlib.sha256()
+        for name in self.data_files:
+            digest.update(name.encode() + b"\0")
+            with open(name, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()
+
+
+def _unreadable(spec: str, err: Exception) -> ConfigError:
+    return ConfigError(f"data.dataset={spec!r} could not be read ({type(err).__name__}: {err}); check the "
+                       "files (txt, jsonl/json, parquet) or the hub name, data.dataset_config and data.split")
+
+
+def _missing_column(spec: str, column: str, columns: list[str]) -> ConfigError:
+    return ConfigError(f"data.text_column={column!r} is not a column of data.dataset={spec!r}; "
+                       f"its columns are {columns}")
+
+
+def _builder_of(path: Path) -> str | None:
+    """The `datasets` builder for a file name (compressed .gz allowed), None if not a data file."""
+    name = path.name.lower().removesuffix(".gz")
+    return next((builder for suffix, builder in BUILDERS.items() if name.endswith(suffix)), None)
+
+
+def _local_source(spec: str, files: list[Path], data: DataConfig) -> Source:
+    """A Source over local files, all of one kind and not all empty."""
+    builders = {_builder_of(f) for f in files}
+    if None in builders or len(builders) != 1:
+        kinds = sorted(f.name for f in files if _builder_of(f) is None) or sorted(b for b in builders if b)
+        raise ConfigError(f"data.dataset={spec!r} must be files of one kind (.txt, .jsonl/.json or .parquet, "
+                          f"optionally .gz); found {kinds}")
+    if all(f.stat().st_size == 0 for f in files):
+        raise ConfigError(f"data.dataset={spec!r} is empty; point it at files that hold documents")
+    return Source(spec=spec, builder=builders.pop(), data_files=tuple(str(f) for f in files), config_name=None,
+                  split="train", text_column=data.text_column)
+
+
+def resolve_source(data: DataConfig) -> Source:
+    """Turn `data.dataset` into a Source, rejecting missing or unusable local paths by name."""
+    spec = data.dataset
+    if spec == "bundled":
+        return _local_source(spec, sorted(BUNDLED_CORPUS.glob("*.jsonl.gz")), data)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return _local_source(spec, [path.resolve()], data)
+    if path.is_dir():
+        files = sorted(f.resolve() for f in path.rglob("*")
+                       if f.is_file() and not f.name.startswith(".") and _builder_of(f) is not None)
+        if not files:
+            raise ConfigError(f"data.dataset={spec!r} is a directory without .txt, .jsonl/.json or .parquet files")
+        return _local_source(spec, files, data)
+    if spec.startswith(("/", "./", "../", "~")) or _builder_of(path) is not None:
+        raise ConfigError(f"data.dataset={spec!r} does not exist; give an existing file or directory, "
+                          "a Hugging Face hub dataset name, or 'bundled'")
+    return Source(spec=spec, builder=spec, data_files=(), config_name=data.dataset_config, split=data.split,
+                  text_column=data.text_column)

@@ -1,0 +1,78 @@
+"""Config loading, overrides, presets and the errors bad values give."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mor_dist.config import ConfigError, load_config
+
+PRESETS = sorted(Path("configs").glob("*.yaml"))
+
+
+def test_default_is_tiny_mor():
+    cfg = load_config()
+    assert cfg.model.kind == "mor" and cfg.run.name == "tiny_mor"
+    assert cfg.capacities == pytest.approx([1.0, 2 / 3, 1 / 3])
+
+
+def test_dotted_overrides_parse_yaml_values():
+    cfg = load_config(None, ["train.steps=50", "routing.kind=token_choice", "routing.capacities=[1.0, 0.5, 0.25]",
+                             "tracking.uri=sqlite:///x.db"])
+    assert cfg.train.steps == 50 and cfg.routing.kind == "token_choice"
+    assert cfg.capacities == [1.0, 0.5, 0.25] and cfg.tracking.uri == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_loads(path):
+    assert load_config(path).run.name == path.stem
+
+
+def test_presets_inherit():
+    cfg = load_config("configs/mor_360m_nr3_token_choice.yaml")
+    assert cfg.routing.kind == "token_choice" and cfg.model.hidden_size == 960 and cfg.model.num_recursions == 3
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["model.hiden_size=3"], "model.hiden_size"),
+    (["routing.kind=expert"], "routing.kind"),
+    (["train.steps=ten"], "train.steps"),
+    (["model.num_layers=9"], "use model.num_layers=11"),
+    (["parallel.tp=3"], "parallel.tp=3"),
+    (["routing.capacities=[1.0, 0.3, 0.6]"], "routing.capacities"),
+    (["routing.capacities=[1.0, 0.5]"], "routing.capacities"),
+    (["model.kind=vanilla"], "model.num_recursions=1"),
+    (["model.sharing=sequence", "model.num_layers=9"], "model.sharing=sequence"),
+    (["train.global_batch_size=12"], "train.global_batch_size"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
+    (["train.warmup_steps=500"], "train.warmup_steps"),
+    (["data.validation_fraction=0"], "data.validation_fraction"),
+    (["nonsense"], "section.key=value"),
+])
+def test_bad_values_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("inherit: loop.yaml\n")
+    with pytest.raises(ConfigError, match="inherits itself"):
+        load_config(loop)
+
+
+def test_fp8_and_bf16_are_refused_on_cpu(world):
+    from mor_dist.model.layers import transformer_config
+
+    for precision in ("fp8", "bf16"):
+        cfg = load_config(None, [f"train.precision={precision}"])
+        with pytest.raises(ConfigError, match="train.precision"):
+            transformer_config(cfg, on_cuda=False)
