@@ -74,6 +74,8 @@ class DataConfig:
     """Corpus and tokenizer."""
 
     dataset: str = "bundled"  # "bundled", a local file/dir (txt, jsonl, parquet) or a hub name
+    dataset_config: Optional[str] = None  # hub datasets: the configuration (subset) name
+    split: str = "train"  # hub datasets: the split to train on (local files are one "train" split)
     tokenizer: str = "bundled"  # "bundled", a local directory or a hub name
     text_column: str = "text"
     validation_fraction: float = 0.05
@@ -335,3 +337,21 @@ def validate(cfg: RunConfig) -> None:
     if m.vocab_size is not None:
         _require(m.vocab_size % p.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
     _require(cfg.run.max_failures >= 0, f"run.max_failures must be >= 0, got {cfg.run.max_failures}")
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from `to_dict()` output (as workers receive it), validated again."""
+    cfg = _build(RunConfig, values, "")
+    validate(cfg)
+    return cfg
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {"model.hidden_size": 64, ...} (stable names for tracking)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

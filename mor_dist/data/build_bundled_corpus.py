@@ -1,15 +1,16 @@
 """Rebuild the bundled corpus from the Python 3.11 documentation shipped in Debian's python3.11-doc.
 
-Run as root-capable user on Debian 12 (needs `apt-get download` and `dpkg-deb`):
+On Debian 12 (needs `apt-get download` and `dpkg-deb`):
 
     python -m mor_dist.data.build_bundled_corpus            # downloads python3.11-doc
     python -m mor_dist.data.build_bundled_corpus --deb X.deb  # uses a .deb already at hand
 
 It keeps the prose of the reStructuredText sources (`html/_sources/<section>/**/*.rst.txt` for the
 SECTIONS below): markup, directives, code samples and interactive sessions are removed; documents
-under MIN_WORDS words and library pages over MAX_LIBRARY_CHARS characters are left out. One document per source file goes
-to `bundled/corpus/python-docs.jsonl.gz` as {"text", "source"}; the package's copyright file is
-copied next to it. The output is byte-identical between runs of the same package version.
+under MIN_WORDS words and library pages over MAX_LIBRARY_CHARS characters are left out. One
+document per source file goes to `bundled/corpus/python-docs.jsonl.gz` as {"text", "source"}; the
+package's copyright file is copied next to it. Re-runs on the same package version give identical
+bytes.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def inline(text: str) -> str:
 
 
 def indent_of(line: str) -> int:
+    """Number of leading spaces."""
     return len(line) - len(line.lstrip(" "))
 
 

@@ -29,6 +29,7 @@ class Source:
 
     @property
     def is_local(self) -> bool:
+        """Local files (read with a builder) rather than a hub dataset."""
         return self.builder in LOCAL_BUILDERS and bool(self.data_files)
 
     def to_dict(self) -> dict[str, Any]:
@@ -41,6 +42,7 @@ class Source:
         return cls(**{**values, "data_files": tuple(values["data_files"])})
 
     def _load(self, streaming: bool) -> Dataset | IterableDataset:
+        """`datasets.load_dataset` for this source (errors unwrapped)."""
         if self.is_local:
             extra = {"sample_by": "paragraph"} if self.builder == "text" else {}
             return load_dataset(self.builder, data_files=list(self.data_files), split="train",
@@ -100,11 +102,13 @@ class Source:
 
 
 def _unreadable(spec: str, err: Exception) -> ConfigError:
+    """The error for data that `datasets` could not load."""
     return ConfigError(f"data.dataset={spec!r} could not be read ({type(err).__name__}: {err}); check the "
                        "files (txt, jsonl/json, parquet) or the hub name, data.dataset_config and data.split")
 
 
 def _missing_column(spec: str, column: str, columns: list[str]) -> ConfigError:
+    """The error for a `data.text_column` the data does not have."""
     return ConfigError(f"data.text_column={column!r} is not a column of data.dataset={spec!r}; "
                        f"its columns are {columns}")
 

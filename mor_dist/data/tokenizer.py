@@ -51,6 +51,7 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
 
 
 def _looks_like_path(spec: str) -> bool:
+    """Whether `data.tokenizer` names a local file or directory rather than a hub repo."""
     return spec.startswith(("/", "./", "../", "~")) or spec.endswith(".json") or Path(spec).exists()
 
 

@@ -8,9 +8,11 @@ from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -28,6 +30,20 @@ from mor_dist.model.routing import (
     scatter_add_tokens,
 )
 from mor_dist.model.sharing import LayerPlan, layer_plan
+
+
+class LayerSlots(torch.nn.ModuleList):
+    """The unique layers; checkpoint keys use each layer's global slot (layer_number - 1)."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        out = {}
+        for local, layer in enumerate(self):
+            local_prefix, global_prefix = f"{prefix}{local}.", f"{prefix}{layer.layer_number - 1}."
+            layer_sd = layer.sharded_state_dict(prefix=local_prefix, sharded_offsets=sharded_offsets,
+                                                metadata=metadata)
+            replace_prefix_for_sharding(layer_sd, local_prefix, global_prefix)
+            out.update(layer_sd)
+        return out
 
 
 @contextlib.contextmanager
@@ -49,6 +65,7 @@ class MoRModel(LanguageModule):
         self.plan: LayerPlan = layer_plan(m.sharing, m.num_layers, m.num_recursions) if m.kind != "vanilla" \
             else layer_plan("none", m.num_layers, 1)
         self.vocab_size = vocab_size
+        self.model_type = ModelType.encoder_or_decoder
         self.pre_process = self.post_process = True
         self.share_embeddings_and_output_weights = m.tie_embeddings
         self.sequence_parallel = config.sequence_parallel
@@ -61,7 +78,7 @@ class MoRModel(LanguageModule):
         for slot in range(self.plan.num_unique):
             with seeded(seed, f"layer{slot}"):
                 layers.append(build_module(spec, config=config, layer_number=slot + 1))
-        self.layers = torch.nn.ModuleList(layers)
+        self.layers = LayerSlots(layers)
         self.router: Optional[torch.nn.Module] = None
         if m.kind == "mor":
             with seeded(seed, "router"):
@@ -81,6 +98,10 @@ class MoRModel(LanguageModule):
             if hasattr(type(module), "kv_state"):
                 module.kv_state = self.kv_state
         self.router_stats: dict[str, torch.Tensor] = {}
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand each stage its input here (None on the first stage)."""
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
 
     # ------------------------------------------------------------ helpers
 
@@ -126,6 +147,7 @@ class MoRModel(LanguageModule):
             gate = sel.gate if sel.valid is None else sel.gate * sel.valid.t().unsqueeze(-1).to(sel.gate.dtype)
             h = scatter_add_tokens(h, sel.indices, gate * out)  # h + w * f(h) on the selected tokens
         self.kv_state.reset()
+        self.router_stats["aux_loss"] = aux_total.detach()
         return AuxLossAttacher.apply(h, aux_total) if self.training else h
 
     def _token_choice(self, h: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -146,6 +168,7 @@ class MoRModel(LanguageModule):
             delta = (out - gather_tokens(x, idx)) * valid.t().unsqueeze(-1).to(out.dtype)
             x = scatter_add_tokens(x, idx, delta)
         self.kv_state.reset()
+        self.router_stats["aux_loss"] = aux.detach()
         h = h + gate * x
         return AuxLossAttacher.apply(h, aux) if self.training else h
 

@@ -67,17 +67,40 @@ def cpu_model_parallel_seed(seed: int, *args, **kwargs) -> None:
     tracker.add(mp_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + 100 + tp_rank)
 
 
-class _TorchOnCpu(types.ModuleType):
-    """`torch` as seen by the pipeline schedules: tensors asked for on "cuda" land on the CPU."""
+_FACTORIES = frozenset({"tensor", "zeros", "ones", "empty", "full", "empty_like", "zeros_like", "ones_like"})
 
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
+# megatron modules that create tensors with a hard-coded device="cuda".
+_CUDA_HARDCODED = (
+    "megatron.core.utils",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+)
 
-    @staticmethod
-    def zeros(*args, **kwargs):
+
+def _on_cpu(factory):
+    @functools.wraps(factory)
+    def make(*args, **kwargs):
         if str(kwargs.get("device", "")).startswith("cuda"):
             kwargs["device"] = "cpu"
-        return torch.zeros(*args, **kwargs)
+        return factory(*args, **kwargs)
+
+    return make
+
+
+class _TorchOnCpu(types.ModuleType):
+    """`torch` as a megatron module sees it: tensor factories asked for "cuda" build on the CPU."""
+
+    def __getattr__(self, name: str):
+        attr = getattr(torch, name)
+        return _on_cpu(attr) if name in _FACTORIES else attr
 
 
 @functools.lru_cache(maxsize=8)
@@ -86,18 +109,34 @@ def cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+def cpu_clip_grad_by_total_norm(parameters, max_norm: float, total_norm: float, use_decoupled_grad: bool = False):
+    """megatron's clip_grad_by_total_norm_fp32 without its CUDA-tensor assertion."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, coeff)
+
+
 def apply_cpu_shims() -> None:
     """Patch megatron-core for CPU; a no-op when CUDA is available or already applied."""
     global _APPLIED
     if _APPLIED or torch.cuda.is_available():
         return
+    import importlib
+
     from megatron.core.fusions import fused_softmax
-    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mp_random
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
-    schedules.torch = _TorchOnCpu("torch")
+    torch.Tensor.cuda = lambda self, *a, **k: self  # a CPU-only host: "to the accelerator" stays put
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = cpu_clip_grad_by_total_norm
+    optimizer.clip_grad_by_total_norm_fp32 = cpu_clip_grad_by_total_norm
+    for name in _CUDA_HARDCODED:
+        importlib.import_module(name).torch = _TorchOnCpu("torch")
     fused_softmax.get_default_causal_mask = cpu_causal_mask
     mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mp_random.initialize_rng_tracker(force_reset=True)

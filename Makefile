@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine (Python >= 3.11, no GPU needed):
+#   make demo   -- create .venv if missing, then train configs/tiny_mor.yaml through a local Ray cluster
+#   make test   -- create .venv if missing, then run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel of torch first: otherwise megatron-core pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test venv clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) jobs/pretrain.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,125 @@
+"""Driver side: validate, prepare data, then TorchTrainer / ScalingConfig / RunConfig / FailureConfig."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mor_dist.config import ConfigError, RunConfig
+
+# Reach every worker through the runtime environment (they must be set before CUDA/NCCL start).
+WORKER_ENV = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+    "NCCL_DEBUG": "WARN",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    "PYTHONWARNINGS": "ignore::UserWarning,ignore::DeprecationWarning,ignore::FutureWarning",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # the logging rank's progress line once, not twice
+}
+
+
+@dataclass
+class LaunchResult:
+    """Where a finished run's outputs are."""
+
+    run_dir: Path
+    checkpoint: Optional[str]
+    tracking_uri: str
+    metrics: dict
+
+
+def run_paths(cfg: RunConfig) -> tuple[Path, Path]:
+    """(storage root, run directory) as absolute paths."""
+    storage = Path(cfg.run.storage_path).expanduser().resolve()
+    return storage, storage / cfg.run.name
+
+
+def wants_gpu(cfg: RunConfig) -> bool:
+    """Resolve parallel.use_gpu against what the cluster offers."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.parallel.use_gpu == "true":
+        if gpus < 1:
+            raise ConfigError("parallel.use_gpu=true but the Ray cluster has no GPUs; use parallel.use_gpu=false")
+        return True
+    if cfg.parallel.use_gpu == "false":
+        return False
+    return gpus >= 1
+
+
+def check_fits(cfg: RunConfig, on_cuda: bool) -> None:
+    """tp*pp*dp workers must fit the cluster before anything starts."""
+    import ray
+
+    resources = ray.cluster_resources()
+    need = cfg.world_size
+    kind = "GPU" if on_cuda else "CPU"
+    have = int(resources.get(kind, 0))
+    if need > have:
+        raise ConfigError(
+            f"parallel.tp*pp*dp = {cfg.parallel.tp}*{cfg.parallel.pp}*{cfg.parallel.dp} = {need} workers, but the Ray "
+            f"cluster has {have} {kind}s; lower parallel.dp/tp/pp or add nodes")
+    if not on_cuda and cfg.train.precision != "fp32":
+        raise ConfigError(f"train.precision={cfg.train.precision} needs GPUs; use train.precision=fp32 on CPU")
+
+
+def connect_ray() -> None:
+    """Join the cluster of RAY_ADDRESS / `ray job submit`, else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.update({k: v for k, v in WORKER_ENV.items() if k.startswith("RAY_")})
+    address = os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": dict(WORKER_ENV)}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, 2), runtime_env=env, log_to_driver=True)
+
+
+def launch(cfg: RunConfig, resume_from: Optional[Path] = None) -> LaunchResult:
+    """Prepare data on the driver, run the workers, return where the outputs are."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mor_dist.data import padded_vocab_size, prepare_data
+    from mor_dist.tracking.tracker import tracking_uri
+
+    storage, run_dir = run_paths(cfg)
+    prepared = prepare_data(cfg, storage / "cache")  # bad data fails here, before any worker
+    vocab = cfg.model.vocab_size or padded_vocab_size(prepared.vocab_size, cfg.parallel.tp)
+    connect_ray()
+    on_cuda = wants_gpu(cfg)
+    check_fits(cfg, on_cuda)
+    payload = {
+        "config": cfg.to_dict(),
+        "data_dir": str(prepared.directory),
+        "vocab_size": vocab,
+        "run_dir": str(run_dir),
+        "on_cuda": on_cuda,
+        "resume_from": str(resume_from) if resume_from else None,
+    }
+    from mor_dist.train.loop import ray_worker
+
+    trainer = TorchTrainer(
+        ray_worker,
+        train_loop_config=payload,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.world_size, use_gpu=on_cuda,
+                                               resources_per_worker={"GPU": 1} if on_cuda else {"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if on_cuda else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # per-report INFO stays in log files
+        ),
+    )
+    result = trainer.fit()
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return LaunchResult(run_dir, checkpoint, tracking_uri(cfg, run_dir), dict(result.metrics or {}))

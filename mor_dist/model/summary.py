@@ -1,0 +1,72 @@
+"""What `pretrain.py --dry-run` prints: layout, depth, parameter counts, FLOPs per token."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from mor_dist.config import RunConfig
+from mor_dist.model.flops import forward_flops_per_token, recursion_tokens
+from mor_dist.model.sharing import layer_plan
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """Counts for one config at full size (no parallel split)."""
+
+    layout: str
+    effective_depth: int
+    unique_layers: int
+    non_embedding_params: int
+    embedding_params: int
+    flops_per_token: float
+    recursion_tokens: list[int]
+
+    def lines(self, cfg: RunConfig) -> list[str]:
+        m = cfg.model
+        routing = f"{cfg.routing.kind}, kv {'shared' if cfg.routing.kv_sharing else 'recursion-wise'}" \
+            if m.kind == "mor" else "none"
+        return [
+            f"model            {m.kind} (N_r={m.num_recursions}, routing: {routing})",
+            f"layout           {self.layout}",
+            f"effective depth  {self.effective_depth} layers ({self.unique_layers} unique)",
+            f"unique non-embedding parameters  {self.non_embedding_params / 1e6:,.1f}M",
+            f"embedding parameters             {self.embedding_params / 1e6:,.1f}M"
+            + (" (tied with the output layer)" if m.tie_embeddings else ""),
+            f"tokens per recursion (of {m.seq_length})  {self.recursion_tokens}",
+            f"forward FLOPs per token          {self.flops_per_token / 1e9:,.4f} GFLOP (paper App. D count)",
+            f"parallel         tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={cfg.parallel.dp} "
+            f"-> {cfg.world_size} workers",
+        ]
+
+
+def summarize(cfg: RunConfig, vocab_size: int) -> ModelSummary:
+    """Build the model on the meta device (no memory, no init) and count."""
+    from mor_dist.model.mor import build_model
+    from mor_dist.parallel.setup import init_model_parallel, init_single_process
+
+    single = copy.deepcopy(cfg)
+    single.parallel.tp = single.parallel.pp = single.parallel.dp = 1
+    single.parallel.sequence_parallel = False
+    single.train.precision = "fp32"
+    init_single_process()
+    init_model_parallel(single.parallel, single.train.seed)
+    with torch.device("meta"):
+        model = build_model(single, vocab_size, on_cuda=False)
+    embedding = model.embedding.word_embeddings.weight.numel()
+    if not cfg.model.tie_embeddings:
+        embedding += model.output_layer.weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    m = cfg.model
+    plan = layer_plan(m.sharing if m.kind != "vanilla" else "none", m.num_layers, m.num_recursions)
+    return ModelSummary(
+        layout=plan.describe(),
+        effective_depth=len(plan.unrolled),
+        unique_layers=plan.num_unique,
+        non_embedding_params=total - embedding,
+        embedding_params=embedding,
+        flops_per_token=forward_flops_per_token(cfg, vocab_size).total,
+        recursion_tokens=recursion_tokens(cfg, m.seq_length) if m.kind != "vanilla" else [m.seq_length],
+    )

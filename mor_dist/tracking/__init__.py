@@ -1,0 +1,1 @@
+"""MLflow tracking: one run per training run, resumed after restarts, metrics with explicit steps."""

@@ -1,0 +1,1 @@
+"""Training: optimizer and schedule, the megatron step, metrics, checkpoints, the worker loop."""

@@ -1,0 +1,180 @@
+"""The worker's training loop: parallel setup, model, optimizer, data, steps, reports, checkpoints."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+
+from mor_dist.config import RunConfig, config_from_dict
+from mor_dist.data import PreparedData
+from mor_dist.model.flops import forward_flops_per_token
+from mor_dist.model.mor import build_model
+from mor_dist.parallel.setup import init_model_parallel
+from mor_dist.tracking.tracker import Tracker
+from mor_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from mor_dist.train.metrics import reduce_means
+from mor_dist.train.optim import build_optimizer, wrap_ddp
+from mor_dist.train.step import evaluate, train_step
+
+
+@dataclass
+class Hooks:
+    """How the loop talks to its host (Ray Train in production, plain callables in tests)."""
+
+    world_rank: int
+    report: Callable[[dict[str, float], Optional[Path]], None]
+    checkpoint: Optional[Path] = None  # a checkpoint directory to resume from
+
+
+def peak_memory_gib() -> float:
+    """Peak device memory (CUDA) or peak resident memory of this process (CPU), in GiB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@dataclass
+class Progress:
+    """One line per log interval on the logging rank: step, loss, tokens/s and time left."""
+
+    total: int
+    start_step: int
+    started: float = field(default_factory=time.perf_counter)
+
+    def line(self, step: int, metrics: dict[str, float]) -> str:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / max(done, 1) * (self.total - step)
+        width = 24
+        filled = int(width * step / self.total)
+        bar = "#" * filled + "." * (width - filled)
+        parts = [f"[{bar}] step {step}/{self.total}"]
+        if "loss" in metrics:
+            parts.append(f"loss {metrics['loss']:.4f}")
+        if "val_loss" in metrics:
+            parts.append(f"val {metrics['val_loss']:.4f}")
+        parts.append(f"{metrics.get('perf/tokens_per_s', 0.0):,.0f} tok/s")
+        parts.append(f"left {time.strftime('%H:%M:%S', time.gmtime(left))}")
+        return " | ".join(parts)
+
+
+def _due(step: int, interval: int, last: int) -> bool:
+    return step == last or (interval > 0 and step % interval == 0)
+
+
+def _union_keys(local: dict[str, float]) -> list[str]:
+    """The same sorted key list on every rank (loss lives on the last stage, router stats on the first)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return sorted(local)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(local))
+    return sorted(set().union(*gathered))
+
+
+def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cuda: bool, hooks: Hooks) -> None:
+    """Train `cfg` on this rank until train.steps, reporting and checkpointing through `hooks`."""
+    t = cfg.train
+    init_model_parallel(cfg.parallel, t.seed)
+    model = build_model(cfg, vocab_size, on_cuda)
+    ddp = wrap_ddp(cfg, model, on_cuda)
+    chunks = [ddp]
+    optimizer, scheduler = build_optimizer(cfg, chunks, on_cuda)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    model.config.grad_scale_func = optimizer.scale_loss
+
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    data = PreparedData.open(data_dir)
+    batches = data.train_iterator(dp_rank, dp_size, t.micro_batch_size, t.global_batch_size, t.seed)
+    val_batches = data.validation_batches(dp_rank, dp_size, t.micro_batch_size, t.eval_batches)
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
+    seq = cfg.model.seq_length
+
+    step, run_id = 0, None
+    if hooks.checkpoint is not None:
+        extra = load_checkpoint(hooks.checkpoint, chunks, optimizer, scheduler)
+        step, run_id = extra["step"], extra.get("run_id")
+        batches.load_state_dict(extra["data"])
+
+    logging_rank = hooks.world_rank == 0
+    tracker = Tracker(cfg, run_dir, run_id) if logging_rank else None
+    progress = Progress(t.steps, step)
+    flops_per_token = forward_flops_per_token(cfg, vocab_size).training
+    tokens_per_step = t.global_batch_size * seq
+    keys: Optional[list[str]] = None
+    window_start, window_steps = time.perf_counter(), 0
+    try:
+        while step < t.steps:
+            local = train_step(chunks, optimizer, scheduler, batches, num_micro, seq, t.micro_batch_size)
+            step += 1
+            window_steps += 1
+            log, ev, ck = (_due(step, t.log_interval, t.steps), _due(step, t.eval_interval, t.steps),
+                           _due(step, t.checkpoint_interval, t.steps))
+            if not (log or ev or ck):
+                continue
+            keys = keys or _union_keys(local)
+            metrics = reduce_means(local, keys)
+            elapsed = time.perf_counter() - window_start
+            metrics["perf/tokens_per_s"] = tokens_per_step * window_steps / elapsed
+            metrics["perf/tflops_per_s"] = flops_per_token * metrics["perf/tokens_per_s"] / 1e12
+            metrics["perf/peak_mem_gib"] = reduce_means({"m": peak_memory_gib()}, ["m"])["m"]
+            metrics["tokens"] = float(step * tokens_per_step)
+            if ev:
+                metrics.update(reduce_means(evaluate(chunks, val_batches, seq, t.micro_batch_size), ["val_loss"]))
+                if "val_loss" in metrics:
+                    metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+            directory = None
+            if ck:
+                directory = Path(tempfile.mkdtemp(prefix=f"mor-ckpt-{step}-"))
+                extra = {"step": step, "data": batches.state_dict(), "run_id": tracker.run_id if tracker else None}
+                save_checkpoint(directory, chunks, optimizer, scheduler, extra)
+            if tracker is not None:
+                tracker.log(metrics, step)
+                print(progress.line(step, metrics), flush=True)
+            hooks.report({"step": float(step), **metrics}, directory)
+            window_start, window_steps = time.perf_counter(), 0
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    if tracker is not None:
+        tracker.finish()
+
+
+def ray_worker(payload: dict[str, Any]) -> None:
+    """TorchTrainer entry point: unpack the payload, bind the loop to ray.train."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(payload["config"])
+    on_cuda = payload["on_cuda"]
+    if on_cuda:
+        torch.cuda.set_device(ray.train.torch.get_device())
+    context = ray.train.get_context()
+    restored = ray.train.get_checkpoint()
+    resume = payload.get("resume_from")
+
+    def report(metrics: dict[str, float], directory: Optional[Path]) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def train_with(checkpoint_dir: Optional[Path]) -> None:
+        hooks = Hooks(context.get_world_rank(), report, checkpoint_dir)
+        train(cfg, Path(payload["data_dir"]), payload["vocab_size"], Path(payload["run_dir"]), on_cuda, hooks)
+
+    if restored is not None:
+        with restored.as_directory() as directory:
+            train_with(Path(directory))
+    else:
+        train_with(Path(resume) if resume else None)

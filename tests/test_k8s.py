@@ -1,0 +1,539 @@
+"""KubeRay manifests: schemas, project rules, the kustomize renderer, Dockerfile and jobs/submit_k8s.py."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import ray
+import yaml
+
+from mor_dist import k8s
+from mor_dist.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "k8s"
+CONFIGS = REPO / "configs"
+TARGETS = ["base", *(f"overlays/{p.name}" for p in sorted((K8S / "overlays").iterdir()) if p.is_dir())]
+BASE_FILES = sorted(p.name for p in (K8S / "base").glob("*.yaml") if p.name != "kustomization.yaml")
+K8S_VERSION = "1.30.0"
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+RAY_MINOR = ".".join(ray.__version__.split(".")[:2])
+GPU = "nvidia.com/gpu"
+
+Doc = dict[str, Any]
+
+
+# ---------------------------------------------------------------- loading
+
+
+@functools.cache
+def _rendered(target: str) -> tuple[Doc, ...]:
+    return tuple(k8s.render(K8S / target))
+
+
+def rendered(target: str) -> list[Doc]:
+    """A private copy of a kustomization's rendered resources."""
+    return copy.deepcopy(list(_rendered(target)))
+
+
+SOURCES = [f"base/{name}" for name in BASE_FILES] + [f"rendered {t}" for t in TARGETS]
+
+
+def load_source(source: str) -> list[Doc]:
+    """A manifest file of the base ("base/<file>") or a rendered kustomization ("rendered <target>")."""
+    if source.startswith("rendered "):
+        return rendered(source.removeprefix("rendered "))
+    return [d for d in yaml.safe_load_all((K8S / source).read_text()) if d is not None]
+
+
+def one(docs: list[Doc], kind: str) -> Doc:
+    """The only resource of a kind."""
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+# ---------------------------------------------------------------- schemas
+
+
+def crd_dir() -> Path | None:
+    """KUBERAY_CRD_DIR, else ../shared/schemas/kuberay next to the repository."""
+    for candidate in (os.environ.get("KUBERAY_CRD_DIR"), REPO.parent / "shared" / "schemas" / "kuberay"):
+        if candidate and (Path(candidate) / "ray.io_rayjobs.yaml").is_file():
+            return Path(candidate)
+    return None
+
+
+def strict(node: Any) -> None:
+    """openapi2jsonschema's transforms: unknown keys rejected, int-or-string accepts both."""
+    if isinstance(node, list):
+        for item in node:
+            strict(item)
+        return
+    if not isinstance(node, dict):
+        return
+    if node.get("x-kubernetes-int-or-string"):
+        node.pop("type", None)
+        node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if "properties" in node and "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+        node["additionalProperties"] = False
+    for value in node.values():
+        strict(value)
+
+
+@functools.cache
+def _crd_validators(directory: Path) -> dict[str, jsonschema.protocols.Validator]:
+    validators = {}
+    for name in ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml"):
+        crd = yaml.load((directory / name).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+        strict(schema)
+        validators[crd["spec"]["names"]["kind"]] = jsonschema.Draft7Validator(schema)
+    return validators
+
+
+def ray_validators() -> dict[str, jsonschema.protocols.Validator]:
+    """Validators for ray.io/v1 kinds, or skip naming KUBERAY_CRD_DIR."""
+    directory = crd_dir()
+    if directory is None:
+        pytest.skip("KubeRay CRDs not found in ../shared/schemas/kuberay; set KUBERAY_CRD_DIR to a folder "
+                    "holding ray.io_rayclusters.yaml and ray.io_rayjobs.yaml")
+    return _crd_validators(directory)
+
+
+def where(doc: Doc) -> str:
+    return f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+def ray_schema_errors(doc: Doc) -> list[str]:
+    """jsonschema errors of a ray.io/v1 resource against its strict CRD schema."""
+    validator = ray_validators()[doc["kind"]]
+    return [f"{where(doc)} /{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def core_schema_errors(doc: Doc) -> list[str]:
+    """kubernetes-validate (strict) errors of a core resource."""
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        return [f"{where(doc)} /{'/'.join(map(str, err.path))}: {err.message}"]
+    return []
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_core_kinds_validate(source: str) -> None:
+    docs = [d for d in load_source(source) if not d["apiVersion"].startswith("ray.io/")]
+    assert [e for d in docs for e in core_schema_errors(d)] == []
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_ray_kinds_validate_against_crds(source: str) -> None:
+    docs = [d for d in load_source(source) if d["apiVersion"].startswith("ray.io/")]
+    assert all(d["apiVersion"] == "ray.io/v1" for d in docs)
+    assert [e for d in docs for e in ray_schema_errors(d)] == []
+
+
+@pytest.mark.parametrize("file, old, new, check", [
+    ("rayjob.yaml", "workerGroupSpecs:", "workerGroupSpec:", ray_schema_errors),
+    ("raycluster.yaml", "mountPath: /dev/shm", "mountpath: /dev/shm", ray_schema_errors),
+    ("mlflow.yaml", "  replicas: 1", "  replica: 1", core_schema_errors),
+])
+def test_misspelled_field_fails_with_its_name(tmp_path: Path, file: str, old: str, new: str,
+                                              check: Callable[[Doc], list[str]]) -> None:
+    text = (K8S / "base" / file).read_text()
+    assert old in text
+    broken = tmp_path / file
+    broken.write_text(text.replace(old, new, 1))
+    errors = [e for d in yaml.safe_load_all(broken.read_text()) for e in check(d)]
+    field = new.strip().split(":")[0]
+    assert any(f"'{field}'" in e for e in errors), errors
+
+
+def test_int_or_string_accepts_integers_and_strings_only() -> None:
+    job = one(rendered("base"), "RayJob")
+    resources = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
+    resources["limits"]["cpu"] = 64
+    assert ray_schema_errors(job) == []
+    resources["limits"]["cpu"] = [64]
+    assert any("limits/cpu" in e for e in ray_schema_errors(job))
+
+
+# ---------------------------------------------------------------- project rules
+
+
+def containers(pod: Doc) -> list[Doc]:
+    return pod.get("containers", []) + pod.get("initContainers", [])
+
+
+def env_of(container: Doc) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+def storage_path(docs: list[Doc]) -> str | None:
+    """run.storage_path of the RayJob's entrypoint."""
+    job = next((d for d in docs if d["kind"] == "RayJob"), None)
+    found = re.search(r"(?:^|\s)run\.storage_path=(\S+)", job["spec"]["entrypoint"]) if job else None
+    return found.group(1) if found else None
+
+
+def cluster_specs(docs: list[Doc]) -> list[tuple[str, Doc]]:
+    """(where, RayCluster spec) of every RayCluster and every RayJob's embedded cluster."""
+    specs = [(where(d), d["spec"]) for d in docs if d["kind"] == "RayCluster"]
+    return specs + [(where(d) + " rayClusterSpec", d["spec"]["rayClusterSpec"]) for d in docs if d["kind"] == "RayJob"]
+
+
+def group_problems(at: str, group: Doc, version: str, mount: str | None, pvcs: set[str]) -> list[str]:
+    """GPU counts, /dev/shm, image, env and checkpoint volume of one head or worker group."""
+    problems = []
+    pod = group["template"]["spec"]
+    ray_container = pod["containers"][0]
+    resources = ray_container.get("resources", {})
+    counts = (resources.get("requests", {}).get(GPU, 0), resources.get("limits", {}).get(GPU, 0),
+              group.get("rayStartParams", {}).get("num-gpus"))
+    if counts[2] is None or len({int(c) for c in counts}) != 1:
+        problems.append(f"{at}: {GPU} request {counts[0]}, limit {counts[1]} and rayStartParams num-gpus {counts[2]} differ")
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for container in containers(pod):
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        if volumes.get(mounts.get("/dev/shm"), {}).get("emptyDir", {}).get("medium") != "Memory":
+            problems.append(f"{at} {container['name']}: /dev/shm is not a Memory emptyDir")
+        tag = re.search(r":[^/:@]*ray(\d+\.\d+)", container["image"])
+        if not tag or tag.group(1) != RAY_MINOR or version != RAY_MINOR:
+            problems.append(f"{at} {container['name']}: image {container['image']} and rayVersion {version} "
+                            f"must carry the installed Ray {RAY_MINOR}")
+        if mount is None or volumes.get(mounts.get(mount), {}).get("persistentVolumeClaim", {}).get("claimName") not in pvcs:
+            problems.append(f"{at} {container['name']}: no PersistentVolumeClaim of the kustomization mounted at "
+                            f"run.storage_path {mount}")
+    env = env_of(ray_container)
+    if env.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1" or not any(name.startswith("NCCL_") for name in env):
+        problems.append(f"{at}: NCCL_* and CUDA_DEVICE_MAX_CONNECTIONS=1 belong in the container env")
+    if not env.get("MLFLOW_TRACKING_URI"):
+        problems.append(f"{at}: MLFLOW_TRACKING_URI is not set")
+    return problems
+
+
+def cluster_problems(at: str, spec: Doc, mount: str | None, pvcs: set[str]) -> list[str]:
+    """Head is CPU-only with the dashboard; every group passes group_problems; replica bounds hold."""
+    problems = []
+    version = ".".join(str(spec.get("rayVersion", "")).split(".")[:2])
+    head = spec["headGroupSpec"]
+    if head.get("rayStartParams", {}).get("num-gpus") != "0" or head.get("rayStartParams", {}).get("dashboard-host") != "0.0.0.0":
+        problems.append(f"{at}: the head must be CPU-only (num-gpus \"0\") with the dashboard on 0.0.0.0")
+    problems += group_problems(f"{at} head", head, version, mount, pvcs)
+    for group in spec.get("workerGroupSpecs", []):
+        name = f"{at} {group['groupName']}"
+        problems += group_problems(name, group, version, mount, pvcs)
+        bounds = [group.get(k) for k in ("minReplicas", "replicas", "maxReplicas")]
+        if None in bounds or not bounds[0] <= bounds[1] <= bounds[2]:
+            problems.append(f"{name}: needs minReplicas <= replicas <= maxReplicas, got {bounds}")
+    return problems
+
+
+def rayjob_problems(job: Doc) -> list[str]:
+    """Submission mode, lifecycle and entrypoint of a RayJob."""
+    spec, at = job["spec"], where(job)
+    problems = []
+    mode = spec.get("submissionMode", "K8sJobMode")
+    if mode not in SUBMISSION_MODES or mode != "HTTPMode":
+        problems.append(f"{at}: submissionMode {mode} must be HTTPMode (allowed: {sorted(SUBMISSION_MODES)})")
+    if spec.get("ttlSecondsAfterFinished", 0) > 0 and not spec.get("shutdownAfterJobFinishes"):
+        problems.append(f"{at}: ttlSecondsAfterFinished needs shutdownAfterJobFinishes: true")
+    if not spec.get("shutdownAfterJobFinishes") or spec.get("backoffLimit", 0) < 1:
+        problems.append(f"{at}: needs shutdownAfterJobFinishes: true and backoffLimit >= 1 (cluster-level retries)")
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"]) or len(job["metadata"]["name"]) > 47:
+        problems.append(f"{at}: the name must be a DNS-1035 label of at most 47 characters")
+    if not re.fullmatch(r"python jobs/pretrain\.py --config configs/\S+\.yaml( \S+=\S*)*", spec.get("entrypoint", "")):
+        problems.append(f"{at}: entrypoint must be `python jobs/pretrain.py --config configs/<x>.yaml [overrides]`")
+    if not (storage_path(docs=[job]) or "").startswith("/"):
+        problems.append(f"{at}: entrypoint must pass run.storage_path=<mount path>")
+    return problems
+
+
+def mlflow_problems(docs: list[Doc]) -> list[str]:
+    """MLFLOW_TRACKING_URI names a Service that selects an `mlflow server` with sqlite and artifacts on a volume."""
+    uris = {env_of(c).get("MLFLOW_TRACKING_URI") for _, spec in cluster_specs(docs)
+            for g in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])] for c in g["template"]["spec"]["containers"]}
+    found = re.fullmatch(r"http://([a-z0-9-]+):(\d+)", uris.pop()) if len(uris) == 1 else None
+    if not found:
+        return [f"all Ray containers need one MLFLOW_TRACKING_URI http://<service>:<port>, got {uris}"]
+    service = next((d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == found.group(1)), None)
+    if service is None or int(found.group(2)) not in [p["port"] for p in service["spec"]["ports"]]:
+        return [f"MLFLOW_TRACKING_URI {found.group(0)} does not name a Service port of the kustomization"]
+    deployment = next((d for d in docs if d["kind"] == "Deployment" and service["spec"]["selector"].items()
+                       <= d["spec"]["template"]["metadata"]["labels"].items()), None)
+    if deployment is None:
+        return [f"Service {service['metadata']['name']} selects no Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    command = " ".join(pod["containers"][0].get("command", []) + pod["containers"][0].get("args", []))
+    mounts = [m["mountPath"] for m in pod["containers"][0].get("volumeMounts", [])]
+    paths = re.fullmatch(r"mlflow server --backend-store-uri sqlite:///(/\S+) --artifacts-destination (/\S+) "
+                         r"--host 0\.0\.0\.0 --port \d+", command)
+    if not paths or not all(any(p.startswith(m + "/") for m in mounts) for p in paths.groups()):
+        return [f"{where(deployment)}: needs `mlflow server --backend-store-uri sqlite:///<volume>/... "
+                f"--artifacts-destination <volume>/... --host 0.0.0.0`, got {command!r} with mounts {mounts}"]
+    return []
+
+
+def consistency_problems(docs: list[Doc]) -> list[str]:
+    """The interactive RayCluster and the RayJob's cluster run the same pods (replica counts aside)."""
+    def pods(spec: Doc) -> Doc:
+        groups = {g["groupName"]: (g.get("rayStartParams"), g["template"]) for g in spec.get("workerGroupSpecs", [])}
+        head = spec["headGroupSpec"]
+        return {"rayVersion": spec.get("rayVersion"), "head": (head.get("rayStartParams"), head["template"]), **groups}
+    specs = cluster_specs(docs)
+    return [f"{at} differs from {specs[0][0]} in its pods or rayVersion"
+            for at, spec in specs[1:] if pods(spec) != pods(specs[0][1])]
+
+
+def problems(docs: list[Doc]) -> list[str]:
+    """Every project rule the schemas cannot express."""
+    mount = storage_path(docs)
+    pvcs = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    found = [p for at, spec in cluster_specs(docs) for p in cluster_problems(at, spec, mount, pvcs)]
+    found += [p for d in docs if d["kind"] == "RayJob" for p in rayjob_problems(d)]
+    return found + mlflow_problems(docs) + consistency_problems(docs)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_project_rules_hold(target: str) -> None:
+    docs = rendered(target)
+    assert {d["kind"] for d in docs} >= {"RayCluster", "RayJob", "Deployment", "Service", "PersistentVolumeClaim"}
+    assert problems(docs) == []
+
+
+def _set(path: str, value: Any, kind: str = "RayJob") -> Callable[[list[Doc]], None]:
+    """A mutation of the rendered base: replace one JSON-pointer path of its RayJob (or another kind)."""
+    return lambda docs: k8s.json_patch(one(docs, kind), [{"op": "replace", "path": path, "value": value}])
+
+
+WORKER = "/spec/rayClusterSpec/workerGroupSpecs/0"
+POD = f"{WORKER}/template/spec"
+GPU_KEY = GPU.replace("/", "~1")
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (_set(f"{POD}/containers/0/resources/limits/{GPU_KEY}", "4"), "limit 4"),
+    (_set(f"{WORKER}/rayStartParams/num-gpus", "4"), "num-gpus 4"),
+    (_set("/spec/rayClusterSpec/headGroupSpec/rayStartParams/num-gpus", "1"), "CPU-only"),
+    (_set("/spec/submissionMode", "K8sJobMode"), "submissionMode"),
+    (_set("/spec/submissionMode", "HttpMode"), "submissionMode"),
+    (_set("/spec/shutdownAfterJobFinishes", False), "ttlSecondsAfterFinished"),
+    (_set(f"{WORKER}/replicas", 2), "minReplicas <= replicas <= maxReplicas"),
+    (_set(f"{POD}/containers/0/volumeMounts/0/mountPath", "/shm"), "/dev/shm"),
+    (_set(f"{POD}/volumes/0/emptyDir", {}), "/dev/shm"),
+    (_set(f"{POD}/containers/0/image", "mor-dist:0.1.0-ray2.9.0"), "installed Ray"),
+    (_set("/spec/rayClusterSpec/rayVersion", "2.9.0"), "installed Ray"),
+    (_set("/spec/entrypoint", "python train.py --config configs/tiny_mor.yaml"), "entrypoint"),
+    (_set("/spec/entrypoint", "python jobs/pretrain.py --config configs/tiny_mor.yaml"), "run.storage_path"),
+    (_set(f"{POD}/containers/0/env/0/value", "http://nowhere:5000"), "MLFLOW_TRACKING_URI"),
+    (_set(f"{POD}/containers/0/env", []), "CUDA_DEVICE_MAX_CONNECTIONS"),
+    (_set("/spec/workerGroupSpecs/0/rayStartParams/num-gpus", "8 ", "RayCluster"), "differs from"),
+])
+def test_project_rules_catch_mistakes(mutate: Callable[[list[Doc]], None], expected: str) -> None:
+    docs = rendered("base")
+    mutate(docs)
+    assert any(expected in p for p in problems(docs)), problems(docs)
+
+
+def config_problem(entrypoint: str, root: Path) -> str | None:
+    """Why an entrypoint's --config is not a file under root/configs, if it is not."""
+    config, _ = k8s.pretrain_args(entrypoint)
+    return None if config.startswith("configs/") and (root / config).is_file() else f"{config} is not in {root / 'configs'}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_entrypoint_config_exists_and_fits_the_cluster(target: str) -> None:
+    job = one(rendered(target), "RayJob")
+    if not any(CONFIGS.glob("*.yaml")):
+        pytest.skip("configs/ holds no presets yet")
+    assert config_problem(job["spec"]["entrypoint"], REPO) is None
+    config, overrides = k8s.pretrain_args(job["spec"]["entrypoint"])
+    cfg = load_config(REPO / config, overrides)
+    spec = job["spec"]["rayClusterSpec"]
+    gpus = k8s.cluster_gpus(spec)
+    if gpus and target.startswith("overlays/"):
+        assert cfg.world_size == gpus, f"{target}: tp*pp*dp = {cfg.world_size} but the cluster has {gpus} GPUs"
+    elif gpus:
+        assert cfg.world_size <= gpus
+    else:
+        cpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+                   for g in spec["workerGroupSpecs"])
+        assert cfg.parallel.use_gpu == "false" and cfg.world_size < cpus
+
+
+def test_missing_config_is_a_problem(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny_mor.yaml").write_text("{}\n")
+    assert config_problem("python jobs/pretrain.py --config configs/tiny_mor.yaml", tmp_path) is None
+    assert "configs/nope.yaml" in config_problem("python jobs/pretrain.py --config configs/nope.yaml", tmp_path)
+
+
+def test_gpu_overlays_share_checkpoints_read_write_many() -> None:
+    for target in TARGETS:
+        docs = rendered(target)
+        claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "mor-checkpoints")
+        if k8s.cluster_gpus(one(docs, "RayJob")["spec"]["rayClusterSpec"]):
+            assert claim["spec"]["accessModes"] == ["ReadWriteMany"], target
+
+
+def test_dockerfile_matches_manifests() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    ray_version = re.search(r"^ARG RAY_VERSION=(\S+)$", text, re.M).group(1)
+    workdir = re.search(r"^WORKDIR (\S+)$", text, re.M).group(1)
+    assert ".".join(ray_version.split(".")[:2]) == RAY_MINOR
+    assert '".[gpu]"' in text and "ray[default,train]==${RAY_VERSION}" in text
+    for target in TARGETS:
+        for at, spec in cluster_specs(rendered(target)):
+            assert spec["rayVersion"] == ray_version, at
+            for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+                container = group["template"]["spec"]["containers"][0]
+                assert container["image"].endswith(f"-ray{ray_version}") and container["workingDir"] == workdir, at
+
+
+# ---------------------------------------------------------------- renderer
+
+
+def kustomize_cli() -> list[str]:
+    """`kustomize build` or `kubectl kustomize`, or skip."""
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    pytest.skip("neither kustomize nor kubectl is installed: cannot cross-check the renderer")
+
+
+def kustomize(directory: Path) -> list[Doc]:
+    out = subprocess.run([*kustomize_cli(), str(directory)], capture_output=True, text=True, check=True, timeout=60)
+    return list(yaml.safe_load_all(out.stdout))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_renderer_equals_kustomize(target: str) -> None:
+    assert rendered(target) == kustomize(K8S / target)
+
+
+def test_images_transformer(tmp_path: Path) -> None:
+    shutil.copytree(K8S, tmp_path / "k8s")
+    overlay = tmp_path / "k8s" / "overlays" / "pushed"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": ["../cpu-smoke"], "sortOptions": {"order": "fifo"},
+        "images": [{"name": "mor-dist", "newName": "registry.example.com/ml/mor-dist", "newTag": "0.2.0-ray2.60.0"},
+                   {"name": "ghcr.io/mlflow/mlflow", "digest": "sha256:" + "0" * 64}]}))
+    docs = k8s.render(overlay)
+    images = {c["image"] for _, spec in cluster_specs(docs)
+              for g in [spec["headGroupSpec"], *spec["workerGroupSpecs"]] for c in g["template"]["spec"]["containers"]}
+    assert images == {"registry.example.com/ml/mor-dist:0.2.0-ray2.60.0"}
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"].endswith("@sha256:" + "0" * 64)
+    if shutil.which("kustomize") or shutil.which("kubectl"):
+        assert docs == kustomize(overlay)
+
+
+@pytest.mark.parametrize("kustomization, message", [
+    ({"namePrefix": "x-"}, "namePrefix"),
+    ({"patches": [{"target": {"kind": "RayJob"}, "patch": "spec: {suspend: true}"}]}, "strategic merge"),
+    ({"patches": [{"target": {"kind": "RayJobs"}, "patch": "- {op: remove, path: /spec/suspend}"}]}, "matches no resource"),
+    ({"patches": [{"target": {"kind": "RayJob"}, "patch": "- {op: replace, path: /spec/nothing, value: 1}"}]}, "'nothing'"),
+    ({"patches": [{"target": {"kind": "RayJob"}, "patch": "- {op: move, from: /a, path: /spec/b}"}]}, "'move'"),
+    ({"sortOptions": {"order": "legacy"}}, "sortOptions"),
+])
+def test_renderer_refuses_what_it_does_not_implement(tmp_path: Path, kustomization: Doc, message: str) -> None:
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(
+        {"resources": [str(K8S / "base")], "sortOptions": {"order": "fifo"}, **kustomization}))
+    with pytest.raises(k8s.KustomizeError, match=re.escape(message)):
+        k8s.render(tmp_path)
+
+
+# ---------------------------------------------------------------- jobs/submit_k8s.py
+
+
+def submit_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "jobs/submit_k8s.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def needs_config(target: str) -> None:
+    config, _ = k8s.pretrain_args(one(rendered(target), "RayJob")["spec"]["entrypoint"])
+    if not (REPO / config).is_file():
+        pytest.skip(f"{config} is not written yet")
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.startswith("overlays/")])
+def test_dry_run_prints_the_overlays_rayjob(target: str) -> None:
+    needs_config(target)
+    result = submit_cli("--overlay", target.split("/")[1], "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout) == one(rendered(target), "RayJob")
+
+
+def test_dry_run_of_a_missing_config_fails_first() -> None:
+    result = submit_cli("--overlay", "no-such-overlay", "--config", "configs/no_such.yaml", "--dry-run")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "configs/no_such.yaml does not exist" in result.stderr
+
+
+def test_run_config_and_overrides_reach_the_entrypoint() -> None:
+    needs_config("overlays/cpu-smoke")
+    job = k8s.rayjob_for_run("cpu-smoke", "configs/tiny_mor.yaml", ["train.steps=20", "parallel.use_gpu=false"], "smoke-2")
+    base = one(rendered("overlays/cpu-smoke"), "RayJob")
+    assert job["metadata"]["name"] == "smoke-2" and job["spec"]["rayClusterSpec"] == base["spec"]["rayClusterSpec"]
+    assert job["spec"]["entrypoint"] == base["spec"]["entrypoint"] + " train.steps=20"
+    needs_config("overlays/single-node-8gpu")
+    with pytest.raises(ConfigError, match="16 GPUs"):
+        k8s.rayjob_for_run("single-node-8gpu", None, ["parallel.dp=16"])
+
+
+class FakeApi:
+    """CustomObjectsApi stand-in: records creations, replays statuses."""
+
+    def __init__(self, statuses: list[Doc], create_error: Exception | None = None) -> None:
+        self.statuses, self.create_error, self.created = iter(statuses), create_error, []
+
+    def create_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str, body: Doc) -> Doc:
+        if self.create_error:
+            raise self.create_error
+        self.created.append((group, version, namespace, plural, body))
+        return body
+
+    def get_namespaced_custom_object(self, group: str, version: str, namespace: str, plural: str, name: str) -> Doc:
+        return {"status": next(self.statuses)}
+
+
+def test_submit_and_follow_print_status_and_addresses() -> None:
+    job = one(rendered("overlays/cpu-smoke"), "RayJob")
+    running = {"jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "rayClusterName": "mor-pretrain-abcde",
+               "dashboardURL": "mor-pretrain-abcde-head-svc.ml.svc.cluster.local:8265", "jobId": "mor-pretrain-x"}
+    api = FakeApi([{}, {"jobDeploymentStatus": "Initializing"}, running, running,
+                   {**running, "jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}])
+    k8s.submit(api, "ml", job)
+    assert api.created == [("ray.io", "v1", "ml", "rayjobs", job)]
+    lines: list[str] = []
+    assert k8s.follow(api, "ml", "mor-pretrain", poll_s=0, echo=lines.append, sleep=lambda _: None)
+    text = "\n".join(lines)
+    assert "kubectl -n ml port-forward svc/mor-pretrain-abcde-head-svc 8265:8265" in text
+    assert "jobDeploymentStatus=Complete jobStatus=SUCCEEDED" in text and text.count("jobStatus=RUNNING") == 1
+    assert "kubectl -n ml port-forward svc/mor-mlflow 5000:5000" in k8s.mlflow_lines(job, "ml")[0]
+
+
+def test_follow_reports_failure_and_submit_reports_name_clash() -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    api = FakeApi([{"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "message": "boom"}])
+    lines: list[str] = []
+    assert not k8s.follow(api, "ml", "mor-pretrain", poll_s=0, echo=lines.append, sleep=lambda _: None)
+    assert lines[-1] == "mor-pretrain: boom"
+    with pytest.raises(k8s.SubmitError, match="--name"):
+        k8s.submit(FakeApi([], ApiException(status=409)), "ml", one(rendered("base"), "RayJob"))
