@@ -98,6 +98,7 @@ class MoRModel(LanguageModule):
             if hasattr(type(module), "kv_state"):
                 module.kv_state = self.kv_state
         self.router_stats: dict[str, torch.Tensor] = {}
+        self.token_depths: Optional[torch.Tensor] = None  # [b, s] recursions each token took (last forward)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand each stage its input here (None on the first stage)."""
@@ -132,6 +133,7 @@ class MoRModel(LanguageModule):
         """Expert-choice recursions on the full-sequence residual stream h [s, b, d]."""
         sel: Optional[Selection] = None
         aux_total = h.new_zeros((), dtype=torch.float32)
+        depths = torch.zeros(h.shape[1], h.shape[0], dtype=torch.long, device=h.device)
         sharing = self.cfg.routing.kv_sharing
         for r in range(self.plan.num_recursions):
             sel, aux = self.router.select(r, h, sel, causal)
@@ -139,6 +141,7 @@ class MoRModel(LanguageModule):
             self.router_stats.update(sel.stats)
             if sel.indices.shape[1] == 0:
                 break
+            depths.scatter_add_(1, sel.indices, torch.ones_like(sel.indices) if sel.valid is None else sel.valid.long())
             x = self._shard(gather_tokens(h, sel.indices))
             if sharing:
                 self.kv_state.mode = "record" if r == 0 else "reuse"
@@ -147,6 +150,7 @@ class MoRModel(LanguageModule):
             gate = sel.gate if sel.valid is None else sel.gate * sel.valid.t().unsqueeze(-1).to(sel.gate.dtype)
             h = scatter_add_tokens(h, sel.indices, gate * out)  # h + w * f(h) on the selected tokens
         self.kv_state.reset()
+        self.token_depths = depths
         self.router_stats["aux_loss"] = aux_total.detach()
         return AuxLossAttacher.apply(h, aux_total) if self.training else h
 
@@ -154,6 +158,7 @@ class MoRModel(LanguageModule):
         """Token-choice: depth per token from one router; exit output H1 + w * f^(depth)(H1)."""
         depth, gate, aux, stats = self.router.assign(h)
         self.router_stats.update(stats)
+        self.token_depths = depth.detach()
         x = h
         sharing = self.cfg.routing.kv_sharing
         for r in range(self.plan.num_recursions):
@@ -187,6 +192,7 @@ class MoRModel(LanguageModule):
         h = self.embedding(input_ids=input_ids, position_ids=None)  # [s(/tp), b, d]
         freqs = self.rotary_pos_emb(s)  # [s, 1, 1, d]
         self.router_stats = {}
+        self.token_depths = torch.full_like(input_ids, self.plan.num_recursions)
         if self.router is None:
             h = self._run(self.plan.unrolled, h, freqs)
         else:

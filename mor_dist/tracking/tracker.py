@@ -108,6 +108,9 @@ class Tracker:
             warnings.warn(f"MLflow logging failed ({err}); metrics stay in {self.local}")
             self._mlflow = None
 
+    def log_validation(self, step: int, tokens: list, depths: list) -> None:
+        """Validation-time artifacts from the logging rank's tokens [b, s] and their depths [b, s]."""
+
     def log_artifact(self, path: Path) -> None:
         if self._mlflow is not None:
             self._mlflow.log_artifact(self.run_id, str(path))

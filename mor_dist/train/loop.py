@@ -131,9 +131,12 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
             metrics["perf/peak_mem_gib"] = reduce_means({"m": peak_memory_gib()}, ["m"])["m"]
             metrics["tokens"] = float(step * tokens_per_step)
             if ev:
-                metrics.update(reduce_means(evaluate(chunks, val_batches, seq, t.micro_batch_size), ["val_loss"]))
+                val_metrics, val_state = evaluate(chunks, val_batches, seq, t.micro_batch_size)
+                metrics.update(reduce_means(val_metrics, ["val_loss"]))
                 if "val_loss" in metrics:
                     metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+                if tracker is not None:
+                    tracker.log_validation(step, val_state.tokens, val_state.depths)
             directory = None
             if ck:
                 directory = Path(tempfile.mkdtemp(prefix=f"mor-ckpt-{step}-"))

@@ -22,6 +22,8 @@ class StepState:
 
     def __init__(self) -> None:
         self.router: list[dict[str, torch.Tensor]] = []
+        self.tokens: list[torch.Tensor] = []  # per micro-batch, [b, s] (kept in eval only)
+        self.depths: list[torch.Tensor] = []  # recursions each token took, [b, s]
 
     def router_means(self) -> dict[str, float]:
         if not self.router:
@@ -42,7 +44,11 @@ def _forward_step(state: StepState, data_iterator: Iterator, model: torch.nn.Mod
     device = next(model.parameters()).device
     tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
     output = model(tokens, labels=labels)
-    state.router.append(unwrap(model).router_stats)
+    inner = unwrap(model)
+    state.router.append(inner.router_stats)
+    if not inner.training and inner.token_depths is not None:
+        state.tokens.append(batch["tokens"])
+        state.depths.append(inner.token_depths.cpu())
     return output, partial(_loss_func, batch["loss_mask"].to(device))
 
 
@@ -93,11 +99,15 @@ def train_step(chunks, optimizer, scheduler, data_iterator, num_microbatches: in
 
 
 @torch.no_grad()
-def evaluate(chunks, batches: list[dict[str, torch.Tensor]], seq_length: int, micro_batch_size: int) -> dict[str, float]:
-    """Validation loss over fixed batches (eval mode: routing follows routing.inference_rule)."""
+def evaluate(chunks, batches: list[dict[str, torch.Tensor]], seq_length: int,
+             micro_batch_size: int) -> tuple[dict[str, float], StepState]:
+    """Validation loss over fixed batches (eval mode: routing follows routing.inference_rule).
+
+    The returned state holds the validation tokens and each token's depth on the router's stage.
+    """
     for chunk in chunks:
         chunk.eval()
-    metrics, _ = run_microbatches(chunks, iter(batches), len(batches), seq_length, micro_batch_size, True)
+    metrics, state = run_microbatches(chunks, iter(batches), len(batches), seq_length, micro_batch_size, True)
     for chunk in chunks:
         chunk.train()
-    return {"val_loss": metrics["lm_loss"]} if metrics else {}
+    return ({"val_loss": metrics["lm_loss"]} if metrics else {}), state
