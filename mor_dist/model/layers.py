@@ -40,7 +40,7 @@ def params_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
 
 
-def transformer_config(cfg: RunConfig, on_cuda: bool) -> TransformerConfig:
+def transformer_config(cfg: RunConfig, on_cuda: bool, virtual_size: int | None = None) -> TransformerConfig:
     """One TransformerConfig for every layer: Llama-style (RMSNorm, SwiGLU, RoPE, GQA, no biases)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     if t.precision == "fp8" and not (on_cuda and te_available()):
@@ -73,6 +73,7 @@ def transformer_config(cfg: RunConfig, on_cuda: bool) -> TransformerConfig:
         init_method_std=std,
         tensor_model_parallel_size=p.tp,
         pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=virtual_size,
         sequence_parallel=p.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import zlib
 from typing import Optional
 
@@ -17,6 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mor_dist.config import RunConfig
+from mor_dist.model.carry import Carry, pack_expert, pack_token, unpack_expert, unpack_token
 from mor_dist.model.kv_sharing import KVSharingState
 from mor_dist.model.layers import final_norm
 from mor_dist.model.routing import (
@@ -30,6 +32,22 @@ from mor_dist.model.routing import (
     scatter_add_tokens,
 )
 from mor_dist.model.sharing import LayerPlan, layer_plan
+from mor_dist.parallel.pipeline import (
+    VirtualStage,
+    is_cyclic,
+    meta_rows,
+    stage_chunks,
+    stage_slots,
+    virtual_size,
+)
+
+
+def model_plan(cfg: RunConfig) -> LayerPlan:
+    """The run's layer plan (vanilla: every layer unique)."""
+    m = cfg.model
+    if m.kind == "vanilla":
+        return layer_plan("none", m.num_layers, 1)
+    return layer_plan(m.sharing, m.num_layers, m.num_recursions)
 
 
 class LayerSlots(torch.nn.ModuleList):
@@ -55,54 +73,63 @@ def seeded(seed: int, name: str):
 
 
 class MoRModel(LanguageModule):
-    """Vanilla, recursive and MoR language models from one code path (sequence-first tensors)."""
+    """Vanilla, recursive and MoR language models from one code path (sequence-first tensors).
+
+    The model is a list of chunks (parallel/pipeline.py): with one pipeline stage, forward() runs
+    them in order; with several, each stage holds its own chunks and the schedule runs them.
+    """
 
     def __init__(self, config: TransformerConfig, cfg: RunConfig, spec: ModuleSpec, vocab_size: int,
-                 on_cuda: bool = False, token_multiple: int = 1) -> None:
+                 on_cuda: bool = False, token_multiple: int = 1, pp_rank: int = 0, pp_size: int = 1) -> None:
         super().__init__(config=config)
+        self.vp_size = None  # one module holds all of this stage's virtual chunks (PipelineChunk views)
         self.cfg = cfg
         m = cfg.model
-        self.plan: LayerPlan = layer_plan(m.sharing, m.num_layers, m.num_recursions) if m.kind != "vanilla" \
-            else layer_plan("none", m.num_layers, 1)
+        self.plan: LayerPlan = model_plan(cfg)
+        self.chunks = stage_chunks(self.plan, pp_rank, pp_size)
         self.vocab_size = vocab_size
         self.model_type = ModelType.encoder_or_decoder
-        self.pre_process = self.post_process = True
+        self.pre_process, self.post_process = pp_rank == 0, pp_rank == pp_size - 1
         self.share_embeddings_and_output_weights = m.tie_embeddings
         self.sequence_parallel = config.sequence_parallel
         seed = cfg.train.seed
-        with seeded(seed, "embedding"):
-            self.embedding = LanguageModelEmbedding(config, vocab_size, m.seq_length, position_embedding_type="rope")
+        if self.pre_process:
+            with seeded(seed, "embedding"):
+                self.embedding = LanguageModelEmbedding(config, vocab_size, m.seq_length,
+                                                        position_embedding_type="rope")
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                               rotary_base=int(m.rotary_base), use_cpu_initialization=True)
+        slots = stage_slots(self.plan, pp_rank, pp_size)
         layers = []
-        for slot in range(self.plan.num_unique):
+        for slot in slots:
             with seeded(seed, f"layer{slot}"):
-                layers.append(build_module(spec, config=config, layer_number=slot + 1))
+                layer = build_module(spec, config=config, layer_number=slot + 1, vp_stage=0)
+            layer.layer_number = slot + 1  # global slot, whatever the stage (checkpoint keys use it)
+            layers.append(layer)
         self.layers = LayerSlots(layers)
+        self.slot_index = {slot: i for i, slot in enumerate(slots)}
         self.router: Optional[torch.nn.Module] = None
-        if m.kind == "mor":
+        if m.kind == "mor" and self.pre_process:
             with seeded(seed, "router"):
                 if cfg.routing.kind == "expert_choice":
                     self.router = ExpertChoiceRouter(config, cfg.routing, cfg.capacities, token_multiple)
                 else:
                     self.router = TokenChoiceRouter(config, cfg.routing, m.num_recursions)
-        self.final_layernorm = final_norm(config, on_cuda)
-        with seeded(seed, "output_layer"):
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
-                skip_bias_add=False, gather_output=False,
-                skip_weight_param_allocation=m.tie_embeddings)
+        self.routed = m.kind == "mor"
+        if self.post_process:
+            self.final_layernorm = final_norm(config, on_cuda)
+            with seeded(seed, "output_layer"):
+                self.output_layer = tensor_parallel.ColumnParallelLinear(
+                    config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
+                    skip_bias_add=False, gather_output=False,
+                    skip_weight_param_allocation=self.pre_process and m.tie_embeddings)
         self.setup_embeddings_and_output_layer()
         self.kv_state = KVSharingState()
         for module in self.modules():
             if hasattr(type(module), "kv_state"):
                 module.kv_state = self.kv_state
         self.router_stats: dict[str, torch.Tensor] = {}
-        self.token_depths: Optional[torch.Tensor] = None  # [b, s] recursions each token took (last forward)
-
-    def set_input_tensor(self, input_tensor) -> None:
-        """Pipeline schedules hand each stage its input here (None on the first stage)."""
-        self.input_tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+        self.token_depths: Optional[torch.Tensor] = None  # [b, s] recursions each token took, when known
 
     # ------------------------------------------------------------ helpers
 
@@ -119,90 +146,106 @@ class MoRModel(LanguageModule):
         return tensor_parallel.scatter_to_sequence_parallel_region(h)
 
     def _run(self, slots: tuple[int, ...], h: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+        if h.shape[0] == 0:  # the causal rule can leave a recursion without tokens
+            return h
         for slot in slots:
-            h, _ = self.layers[slot](h, attention_mask=None, rotary_pos_emb=rotary)
+            h, _ = self.layers[self.slot_index[slot]](h, attention_mask=None, rotary_pos_emb=rotary)
         return h
 
     def shared_block_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters of the layers that every recursion reuses."""
-        return [p for slot in sorted(set(self.plan.block)) for p in self.layers[slot].parameters()]
+        """Parameters of the layers that every recursion reuses (those on this stage)."""
+        return [p for slot in dict.fromkeys(self.plan.block) if slot in self.slot_index
+                for p in self.layers[self.slot_index[slot]].parameters()]
 
-    # ------------------------------------------------------------ recursion
+    def _set_kv_mode(self, r: int, sel: Selection) -> None:
+        if self.cfg.routing.kv_sharing:
+            self.kv_state.mode = "record" if r == 0 else "reuse"
+            self.kv_state.query_positions = sel.indices
 
-    def _expert_choice(self, h: torch.Tensor, freqs: torch.Tensor, causal: bool) -> torch.Tensor:
-        """Expert-choice recursions on the full-sequence residual stream h [s, b, d]."""
-        sel: Optional[Selection] = None
-        aux_total = h.new_zeros((), dtype=torch.float32)
-        depths = torch.zeros(h.shape[1], h.shape[0], dtype=torch.long, device=h.device)
-        sharing = self.cfg.routing.kv_sharing
-        for r in range(self.plan.num_recursions):
-            sel, aux = self.router.select(r, h, sel, causal)
-            aux_total = aux_total + aux
+    # ------------------------------------------------------------ recursion chunks
+
+    def _expert_chunk(self, vs: VirtualStage, carry: Carry, freqs: torch.Tensor, causal: bool) -> Carry:
+        """Part of one expert-choice recursion: route (stage 0), shared layers, h + w * f(h) (last stage)."""
+        r = vs.recursion
+        if vs.route:
+            sel, aux = self.router.select(r, carry.h, carry.prev, causal)
             self.router_stats.update(sel.stats)
-            if sel.indices.shape[1] == 0:
-                break
-            depths.scatter_add_(1, sel.indices, torch.ones_like(sel.indices) if sel.valid is None else sel.valid.long())
-            x = self._shard(gather_tokens(h, sel.indices))
-            if sharing:
-                self.kv_state.mode = "record" if r == 0 else "reuse"
-                self.kv_state.query_positions = sel.indices
-            out = self._full(self._run(self.plan.block, x, gather_rotary(freqs, sel.indices)))
-            gate = sel.gate if sel.valid is None else sel.gate * sel.valid.t().unsqueeze(-1).to(sel.gate.dtype)
-            h = scatter_add_tokens(h, sel.indices, gate * out)  # h + w * f(h) on the selected tokens
-        self.kv_state.reset()
-        self.token_depths = depths
-        self.router_stats["aux_loss"] = aux_total.detach()
-        return AuxLossAttacher.apply(h, aux_total) if self.training else h
+            self.router_stats[f"r{r + 1}/aux_loss"] = aux.detach()
+            if self.training:
+                carry.h = AuxLossAttacher.apply(carry.h, aux)
+            depths = carry.depths if carry.depths is not None else torch.zeros_like(sel.indices[:, :1]).expand(
+                -1, carry.h.shape[0]).contiguous()
+            add = torch.ones_like(sel.indices) if sel.valid is None else sel.valid.long()
+            carry.depths = depths.scatter_add(1, sel.indices, add)
+            if r == self.plan.num_recursions - 1:
+                self.token_depths = carry.depths
+            carry.sel, carry.x = sel, self._shard(gather_tokens(carry.h, sel.indices))
+        sel = carry.sel
+        self._set_kv_mode(r, sel)
+        x = self._run(vs.layers, carry.x, gather_rotary(freqs, sel.indices))
+        if not vs.merge:
+            carry.x = x
+            return carry
+        gate = sel.gate if sel.valid is None else sel.gate * sel.valid.t().unsqueeze(-1).to(sel.gate.dtype)
+        carry.h = scatter_add_tokens(carry.h, sel.indices, gate * self._full(x))  # h + w * f(h), selected only
+        carry.prev, carry.sel, carry.x = sel, None, None
+        return carry
 
-    def _token_choice(self, h: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-        """Token-choice: depth per token from one router; exit output H1 + w * f^(depth)(H1)."""
-        depth, gate, aux, stats = self.router.assign(h)
-        self.router_stats.update(stats)
-        self.token_depths = depth.detach()
-        x = h
-        sharing = self.cfg.routing.kv_sharing
-        for r in range(self.plan.num_recursions):
-            idx, valid = ragged_indices(depth >= r + 1)
-            if idx.shape[1] == 0:
-                break
-            if sharing:
-                self.kv_state.mode = "record" if r == 0 else "reuse"
-                self.kv_state.query_positions = idx
-            out = self._full(self._run(self.plan.block, self._shard(gather_tokens(x, idx)), gather_rotary(freqs, idx)))
-            # Replace the active tokens' state with the block output (no gate until a token exits).
-            delta = (out - gather_tokens(x, idx)) * valid.t().unsqueeze(-1).to(out.dtype)
-            x = scatter_add_tokens(x, idx, delta)
-        self.kv_state.reset()
-        self.router_stats["aux_loss"] = aux.detach()
-        h = h + gate * x
-        return AuxLossAttacher.apply(h, aux) if self.training else h
+    def _token_chunk(self, vs: VirtualStage, carry: Carry, freqs: torch.Tensor) -> Carry:
+        """Part of one token-choice recursion; a token's state is the block output until it exits."""
+        r = vs.recursion
+        if vs.route and r == 0:
+            depth, gate, aux, stats = self.router.assign(carry.h)
+            self.router_stats.update(stats)
+            self.router_stats["r1/aux_loss"] = aux.detach()
+            if self.training:
+                carry.h = AuxLossAttacher.apply(carry.h, aux)
+            carry.depth = carry.depths = self.token_depths = depth.detach()
+            carry.gate, carry.state = gate, carry.h
+        if vs.route:
+            idx, valid = ragged_indices(carry.depth >= r + 1)
+            carry.sel, carry.x = Selection(idx, None, valid), self._shard(gather_tokens(carry.state, idx))
+        sel = carry.sel
+        self._set_kv_mode(r, sel)
+        x = self._run(vs.layers, carry.x, gather_rotary(freqs, sel.indices))
+        if not vs.merge:
+            carry.x = x
+            return carry
+        delta = (self._full(x) - gather_tokens(carry.state, sel.indices)) * sel.valid.t().unsqueeze(-1).to(x.dtype)
+        carry.state = scatter_add_tokens(carry.state, sel.indices, delta)
+        carry.sel = carry.x = None
+        if r == self.plan.num_recursions - 1:
+            carry.h = carry.h + carry.gate * carry.state  # exit: H1 + w * f^(depth)(H1)
+        return carry
 
     # ------------------------------------------------------------ forward
 
-    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                causal_routing: Optional[bool] = None) -> torch.Tensor:
-        """Token ids [b, s] -> per-token loss [b, s] (with labels) or vocab-parallel logits [b, s, v/tp].
-
-        `causal_routing`: expert-choice uses the threshold rule instead of top-k; None follows
-        routing.inference_rule in eval mode and top-k in training.
-        """
-        if causal_routing is None:
-            causal_routing = not self.training and self.cfg.routing.inference_rule == "threshold"
-        s = input_ids.shape[1]
-        h = self.embedding(input_ids=input_ids, position_ids=None)  # [s(/tp), b, d]
+    def forward_chunk(self, vs: VirtualStage, carry: Optional[Carry], input_ids: Optional[torch.Tensor],
+                      labels: Optional[torch.Tensor], causal: bool):
+        """Run one chunk; returns the Carry for the next chunk, or the loss/logits after the last."""
+        s = input_ids.shape[1] if input_ids is not None else self.cfg.model.seq_length
         freqs = self.rotary_pos_emb(s)  # [s, 1, 1, d]
-        self.router_stats = {}
-        self.token_depths = torch.full_like(input_ids, self.plan.num_recursions)
-        if self.router is None:
-            h = self._run(self.plan.unrolled, h, freqs)
+        cyclic = is_cyclic(self.plan)
+        if vs.first:
+            h = self.embedding(input_ids=input_ids, position_ids=None)  # [s(/tp), b, d]
+            if cyclic:
+                h = self._run(self.plan.prefix, h, freqs)
+            carry = Carry(h=self._full(h) if self.routed else h)
+            if not self.routed:
+                self.token_depths = torch.full_like(input_ids, self.plan.num_recursions)
+        if not self.routed:
+            carry.h = self._run(vs.layers, carry.h, freqs)
+        elif self.cfg.routing.kind == "token_choice":
+            carry = self._token_chunk(vs, carry, freqs)
         else:
-            h = self._run(self.plan.prefix, h, freqs)
-            h = self._full(h)
-            if isinstance(self.router, ExpertChoiceRouter):
-                h = self._expert_choice(h, freqs, causal_routing)
-            else:
-                h = self._token_choice(h, freqs)
-            h = self._run(self.plan.suffix, self._shard(h), freqs)
+            carry = self._expert_chunk(vs, carry, freqs, causal)
+        if vs.recursion == self.plan.num_recursions - 1 and vs.merge:
+            self.kv_state.reset()
+        if not vs.last:
+            return carry
+        h = self._shard(carry.h) if self.routed else carry.h
+        if cyclic:
+            h = self._run(self.plan.suffix, h, freqs)
         h = self.final_layernorm(h)
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(h, weight=weight)  # [s, b, v/tp]
@@ -210,14 +253,57 @@ class MoRModel(LanguageModule):
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, logits)
 
+    def pack(self, carry: Carry) -> torch.Tensor:
+        """A Carry as one fixed-shape pipeline message (sequence-parallel shard when SP is on)."""
+        if not self.routed:
+            return carry.h
+        rows = meta_rows(self.cfg)
+        msg = pack_token(carry, self._full, rows) if self.cfg.routing.kind == "token_choice" \
+            else pack_expert(carry, self._full, rows)
+        return self._shard(msg)
+
+    def unpack(self, msg: torch.Tensor, vs: VirtualStage) -> Carry:
+        """The Carry a received message stands for."""
+        if not self.routed:
+            return Carry(h=msg)
+        msg, seq = self._full(msg), self.cfg.model.seq_length
+        if self.cfg.routing.kind == "token_choice":
+            return unpack_token(msg, vs, seq, self._shard)
+        return unpack_expert(msg, vs, seq, self._shard)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Unused with one stage (PipelineChunk takes the schedule's input for each chunk)."""
+        self.input_tensor = input_tensor
+
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                causal_routing: Optional[bool] = None) -> torch.Tensor:
+        """Token ids [b, s] -> per-token loss [b, s] (with labels) or vocab-parallel logits [b, s, v/tp].
+
+        `causal_routing`: expert-choice uses the threshold rule instead of top-k; None follows
+        routing.inference_rule in eval mode and top-k in training. One pipeline stage only.
+        """
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("MoRModel.forward runs a whole model; pipeline stages run PipelineChunks")
+        if causal_routing is None:
+            causal_routing = not self.training and self.cfg.routing.inference_rule == "threshold"
+        self.router_stats, self.token_depths = {}, None
+        carry = None
+        for vs in self.chunks:
+            carry = self.forward_chunk(vs, carry, input_ids, labels, causal_routing)
+        return carry
+
 
 def build_model(cfg: RunConfig, vocab_size: int, on_cuda: bool) -> MoRModel:
     """The run's model on this rank (parallel_state must be initialised)."""
     from mor_dist.model.layers import layer_spec, transformer_config
 
-    config = transformer_config(cfg, on_cuda)
-    multiple = 16 if cfg.train.precision == "fp8" else 1
-    if cfg.parallel.sequence_parallel:
-        multiple = multiple * cfg.parallel.tp // torch.gcd(torch.tensor(multiple), torch.tensor(cfg.parallel.tp)).item()
-    model = MoRModel(config, cfg, layer_spec(cfg, on_cuda), vocab_size, on_cuda, multiple)
+    from megatron.core import parallel_state
+
+    plan = model_plan(cfg)
+    config = transformer_config(cfg, on_cuda, virtual_size(cfg, plan))
+    multiple = math.lcm(16 if cfg.train.precision == "fp8" else 1,
+                        cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
+    model = MoRModel(config, cfg, layer_spec(cfg, on_cuda), vocab_size, on_cuda, multiple,
+                     parallel_state.get_pipeline_model_parallel_rank(),
+                     parallel_state.get_pipeline_model_parallel_world_size())
     return model.cuda() if on_cuda else model

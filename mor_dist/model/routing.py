@@ -55,7 +55,7 @@ class Selection:
     """Tokens that take one recursion: indices [b, k] (sorted), gate [k, b, 1], validity or None."""
 
     indices: torch.Tensor
-    gate: torch.Tensor
+    gate: Optional[torch.Tensor]
     valid: Optional[torch.Tensor] = None
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -129,7 +129,7 @@ class ExpertChoiceRouter(MegatronModule):
             local = torch.topk(probs, k, dim=1, sorted=False).indices.sort(dim=1).values
             valid = None
         chosen = torch.zeros_like(probs).scatter(1, local, 1.0 if valid is None else valid.float())
-        aux = self._aux_losses(r, logits, x, chosen, cand_valid)
+        aux, aux_parts = self._aux_losses(r, logits, x, chosen, cand_valid)
         weights = probs.gather(1, local) * self.alpha
         if self.routing.gating == "identity":
             weights = torch.ones_like(weights)
@@ -138,21 +138,26 @@ class ExpertChoiceRouter(MegatronModule):
             f"r{r + 1}/selected_frac": count.detach() / s,
             f"r{r + 1}/mean_weight": weights.detach().mean(),
             f"r{r + 1}/rule_agreement": ((probs.detach() >= self.routing.threshold).float() == chosen).float().mean(),
+            **{f"r{r + 1}/{name}": value.detach() for name, value in aux_parts.items()},
         }
         sel = Selection(cand_idx.gather(1, local), weights.t().unsqueeze(-1).to(h.dtype), valid, stats)
         return sel, aux
 
     def _aux_losses(self, r: int, logits: torch.Tensor, x: torch.Tensor, chosen: torch.Tensor,
-                    cand_valid: Optional[torch.Tensor]) -> torch.Tensor:
-        """BCE towards the top-k membership (the causal rule's training signal), z-loss, aux router."""
+                    cand_valid: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """BCE towards the top-k membership (the causal rule's training signal), z-loss, aux router.
+
+        Returns the total and each weighted term by name.
+        """
         weight = None if cand_valid is None else cand_valid.float()
-        loss = self.routing.aux_loss_coeff * F.binary_cross_entropy_with_logits(logits, chosen, weight=weight)
+        parts = {"bce_loss": self.routing.aux_loss_coeff * F.binary_cross_entropy_with_logits(logits, chosen,
+                                                                                              weight=weight)}
         if self.routing.z_loss_coeff:
-            loss = loss + self.routing.z_loss_coeff * logits.pow(2).mean()
+            parts["z_loss"] = self.routing.z_loss_coeff * logits.pow(2).mean()
         if self.aux_weight is not None:
             aux_logits = (x.detach() @ self.aux_weight[r].unsqueeze(-1)).squeeze(-1).t().float()
-            loss = loss + F.binary_cross_entropy_with_logits(aux_logits, chosen, weight=weight)
-        return loss
+            parts["aux_router_loss"] = F.binary_cross_entropy_with_logits(aux_logits, chosen, weight=weight)
+        return sum(parts.values()), parts
 
 
 class TokenChoiceRouter(MegatronModule):
@@ -184,15 +189,17 @@ class TokenChoiceRouter(MegatronModule):
             gate = torch.ones_like(gate)
         n = self.num_recursions
         frac = F.one_hot(choice, n).float().mean(dim=(0, 1))
-        aux = logits.new_zeros(())
+        parts: dict[str, torch.Tensor] = {}
         if not self.routing.loss_free_balancing:
-            aux = self.routing.balance_loss_coeff * (n * frac * probs.mean(dim=(0, 1))).sum()
+            parts["balance_loss"] = self.routing.balance_loss_coeff * (n * frac * probs.mean(dim=(0, 1))).sum()
         if self.routing.z_loss_coeff:
-            aux = aux + self.routing.z_loss_coeff * torch.logsumexp(logits, -1).pow(2).mean()
+            parts["z_loss"] = self.routing.z_loss_coeff * torch.logsumexp(logits, -1).pow(2).mean()
+        aux = sum(parts.values(), logits.new_zeros(()))
         if self.training:
             self.load += frac.detach()
         stats = {f"r{i + 1}/depth_frac": frac[i].detach() for i in range(n)}
         stats["max_violation"] = (frac.max() * n - 1.0).detach()
+        stats.update({name: value.detach() for name, value in parts.items()})
         return (choice + 1).t(), gate.to(h.dtype), aux, stats
 
     @torch.no_grad()

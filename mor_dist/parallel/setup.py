@@ -34,10 +34,9 @@ def init_single_process(port: int | None = None) -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
+def init_model_parallel(parallel: ParallelConfig, seed: int, virtual_size: int | None = None) -> None:
     """initialize_model_parallel over the existing default group, then seed as megatron does."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import random as mp_random
 
     apply_cpu_shims()
     if not dist.is_initialized():
@@ -51,6 +50,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=virtual_size,
         create_gloo_process_groups=not torch.cuda.is_available(),
     )
     seed_all(seed)

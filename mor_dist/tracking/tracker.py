@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import subprocess
 import time
 import warnings
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import yaml
 
-from mor_dist.config import REPO_ROOT, RunConfig, flatten
+from mor_dist.config import RunConfig
+from mor_dist.data import Tokenizer, load_tokenizer
+from mor_dist.tracking.metadata import metric_name, run_params, run_tags
+from mor_dist.tracking.validation import depth_metrics, depth_plot, depth_table
+
+
+class TrackingWarning(RuntimeWarning):
+    """Tracking is degraded and training goes on (a RuntimeWarning: jobs and workers silence UserWarnings)."""
 
 
 def tracking_uri(cfg: RunConfig, run_dir: Path) -> str:
@@ -25,96 +34,151 @@ def tracking_uri(cfg: RunConfig, run_dir: Path) -> str:
     return f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"
 
 
-def run_tags(cfg: RunConfig, hosts: int) -> dict[str, str]:
-    """Tags that make runs comparable in the MLflow UI."""
-    p = cfg.parallel
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    return {
-        "model_kind": cfg.model.kind,
-        "routing": cfg.routing.kind if cfg.model.kind == "mor" else "none",
-        "num_recursions": str(cfg.model.num_recursions),
-        "sharing": cfg.model.sharing if cfg.model.kind != "vanilla" else "none",
-        "kv": "shared" if cfg.routing.kv_sharing else "recursion_wise",
-        "parallel_layout": f"tp{p.tp}-pp{p.pp}-dp{p.dp}" + ("-sp" if p.sequence_parallel else ""),
-        "precision": cfg.train.precision,
-        "git_commit": commit,
-        "host_count": str(hosts),
-    }
+def artifact_location(uri: str, run_dir: Path) -> Optional[str]:
+    """Where a new experiment keeps artifacts: beside a sqlite store; a server's own default for servers."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    root = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else run_dir.parent
+    return (root / "mlflow-artifacts").resolve().as_uri()
+
+
+def _last_local_steps(path: Path) -> dict[str, int]:
+    """Last step of each metric already in a metrics.jsonl."""
+    last: dict[str, int] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        record = json.loads(line)
+        step = record.pop("step")
+        last.update({key: max(step, last.get(key, step)) for key in record})
+    return last
+
+
+def _unseen(values: dict[str, float], step: int, last: dict[str, int]) -> dict[str, float]:
+    """The values not yet logged at or after `step` (a restart replays steps); marks them logged."""
+    fresh = {k: v for k, v in values.items() if step > last.get(k, -1)}
+    last.update({k: step for k in fresh})
+    return fresh
 
 
 class Tracker:
-    """MLflow when reachable; metrics always also go to `metrics.jsonl` in the run directory."""
+    """MLflow when reachable; metrics always also go to `metrics.jsonl` in the run directory.
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, run_id: Optional[str], hosts: int = 1) -> None:
+    Every metric keeps one value per step: after a resume, steps at or before the last one already
+    logged for that metric (in MLflow, and in the local file) are skipped.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, run_id: Optional[str], vocab_size: int, hosts: int = 1,
+                 start_step: int = 0) -> None:
+        self.cfg = cfg
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.local = run_dir / "metrics.jsonl"
+        if start_step == 0:
+            self.local.write_text("")
+        self._local_last = _last_local_steps(self.local)
+        self._last: dict[str, int] = {}
         self.run_id: Optional[str] = run_id
         self.uri = tracking_uri(cfg, run_dir)
-        self._mlflow = None
+        self._client: Any = None
         if not cfg.tracking.enabled:
             return
         try:
-            self._start(cfg, hosts)
+            self._client = self._start(vocab_size, hosts)
         except Exception as err:  # unreachable server, bad URI, locked store: training goes on
-            warnings.warn(f"MLflow tracking at {self.uri} is unavailable ({type(err).__name__}: {err}); "
-                          f"metrics are kept in {self.local}")
-            self._mlflow = None
+            self._degrade(f"MLflow tracking at {self.uri} is unavailable ({type(err).__name__}: {err})")
 
-    def _start(self, cfg: RunConfig, hosts: int) -> None:
-        import mlflow
+    def _start(self, vocab_size: int, hosts: int) -> Any:
+        from mlflow import MlflowClient
+        from mlflow.entities import Param, RunTag
 
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # table creation notes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        mlflow.set_tracking_uri(self.uri)
-        experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-        if experiment is None:
-            artifacts = (self.run_dir.parent / "mlflow-artifacts").resolve()
-            experiment_id = mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts.as_uri())
-        else:
-            experiment_id = experiment.experiment_id
-        client = mlflow.MlflowClient()
+        client = MlflowClient(tracking_uri=self.uri)
+        tags = run_tags(self.cfg, hosts)
         if self.run_id is None:
-            run = client.create_run(experiment_id, run_name=cfg.run.name, tags=run_tags(cfg, hosts))
-            self.run_id = run.info.run_id
-            params = {k: ("null" if v is None else str(v))[:500] for k, v in flatten(cfg.to_dict()).items()}
-            items = list(params.items())
-            for i in range(0, len(items), 100):
-                client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+            self.run_id = client.create_run(self._experiment_id(client), run_name=self.cfg.run.name,
+                                            tags=tags).info.run_id
+            params = [Param(k, v) for k, v in run_params(self.cfg, vocab_size).items()]
+            for i in range(0, len(params), 100):
+                client.log_batch(self.run_id, params=params[i:i + 100])
             config_file = self.run_dir / "config.yaml"
-            config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            config_file.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             client.log_artifact(self.run_id, str(config_file))
         else:
             client.update_run(self.run_id, status="RUNNING")
-        self._mlflow = client
+            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])  # layout may change
+            for key in client.get_run(self.run_id).data.metrics:
+                self._last[key] = max(m.step for m in client.get_metric_history(self.run_id, key))
+        return client
+
+    def _experiment_id(self, client: Any) -> str:
+        from mlflow.exceptions import MlflowException
+
+        name = self.cfg.tracking.experiment
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(self.uri, self.run_dir))
+        except MlflowException:  # created concurrently by another run
+            return client.get_experiment_by_name(name).experiment_id
+
+    def _degrade(self, reason: str) -> None:
+        warnings.warn(f"{reason}; training goes on, metrics are kept in {self.local}", TrackingWarning, stacklevel=3)
+        self._client = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Log finite metrics at an explicit step (locally always, to MLflow when available)."""
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        with self.local.open("a") as f:
-            f.write(json.dumps({"step": step, **clean}) + "\n")
-        if self._mlflow is None:
+        """Log finite metrics under `/`-grouped names at an explicit step (locally always, to MLflow if up)."""
+        clean = {metric_name(k): float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        local = _unseen(clean, step, self._local_last)
+        if local:
+            with self.local.open("a") as f:
+                f.write(json.dumps({"step": step, **local}) + "\n")
+        if self._client is None:
             return
-        import mlflow
+        fresh = _unseen(clean, step, self._last)
+        if not fresh:
+            return
+        from mlflow.entities import Metric
 
+        now = int(time.time() * 1000)
         try:
-            self._mlflow.log_batch(self.run_id, metrics=[
-                mlflow.entities.Metric(k, v, int(time.time() * 1000), step) for k, v in clean.items()])
+            self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in fresh.items()])
         except Exception as err:
-            warnings.warn(f"MLflow logging failed ({err}); metrics stay in {self.local}")
-            self._mlflow = None
+            self._degrade(f"MLflow logging failed ({type(err).__name__}: {err})")
 
-    def log_validation(self, step: int, tokens: list, depths: list) -> None:
-        """Validation-time artifacts from the logging rank's tokens [b, s] and their depths [b, s]."""
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer (for the example-token table)."""
+        return load_tokenizer(self.cfg.data.tokenizer)
 
-    def log_artifact(self, path: Path) -> None:
-        if self._mlflow is not None:
-            self._mlflow.log_artifact(self.run_id, str(path))
+    def log_validation(self, step: int, tokens: list[torch.Tensor], depths: list[torch.Tensor]) -> None:
+        """Depth metrics, a depth plot and a token table from validation micro-batches [b, s] (MoR only).
+
+        Files go to `validation/step_NNNNNN/` in the run directory and under the same artifact path.
+        """
+        if self.cfg.model.kind != "mor" or not depths:
+            return
+        toks, deps = torch.cat(tokens).cpu(), torch.cat(depths).cpu()
+        n = self.cfg.model.num_recursions
+        self.log(depth_metrics(deps, n), step)
+        artifact_path = f"validation/step_{step:06d}"
+        folder = self.run_dir / artifact_path
+        folder.mkdir(parents=True, exist_ok=True)
+        depth_plot(deps, n, step, folder / "depth_distribution.png")
+        depth_table(toks, deps, self.tokenizer, step, folder / "depth_tokens.md")
+        if self._client is None:
+            return
+        try:
+            self._client.log_artifacts(self.run_id, str(folder), artifact_path)
+        except Exception as err:
+            self._degrade(f"MLflow artifact upload failed ({type(err).__name__}: {err})")
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self._mlflow is not None:
-            self._mlflow.set_terminated(self.run_id, status=status)
+        """Mark the MLflow run finished (or FAILED: a resume sets it RUNNING again)."""
+        if self._client is None:
+            return
+        try:
+            self._client.set_terminated(self.run_id, status=status)
+        except Exception as err:
+            self._degrade(f"MLflow could not close run {self.run_id} ({type(err).__name__}: {err})")

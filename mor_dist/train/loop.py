@@ -17,13 +17,16 @@ from megatron.core.distributed import finalize_model_grads
 from mor_dist.config import RunConfig, config_from_dict
 from mor_dist.data import PreparedData
 from mor_dist.model.flops import forward_flops_per_token
-from mor_dist.model.mor import build_model
+from mor_dist.model.mor import build_model, model_plan
+from mor_dist.parallel.pipeline import virtual_size
 from mor_dist.parallel.setup import init_model_parallel
+from mor_dist.tracking.metadata import host_count
+from mor_dist.tracking.perf import mfu
 from mor_dist.tracking.tracker import Tracker
 from mor_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from mor_dist.train.metrics import reduce_means
 from mor_dist.train.optim import build_optimizer, wrap_ddp
-from mor_dist.train.step import evaluate, train_step
+from mor_dist.train.step import Stage, evaluate, train_step
 
 
 @dataclass
@@ -85,12 +88,14 @@ def _union_keys(local: dict[str, float]) -> list[str]:
 def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cuda: bool, hooks: Hooks) -> None:
     """Train `cfg` on this rank until train.steps, reporting and checkpointing through `hooks`."""
     t = cfg.train
-    init_model_parallel(cfg.parallel, t.seed)
+    init_model_parallel(cfg.parallel, t.seed, virtual_size(cfg, model_plan(cfg)))
     model = build_model(cfg, vocab_size, on_cuda)
     ddp = wrap_ddp(cfg, model, on_cuda)
-    chunks = [ddp]
-    optimizer, scheduler = build_optimizer(cfg, chunks, on_cuda)
-    model.config.finalize_model_grads_func = finalize_model_grads
+    stage = Stage.build(cfg, ddp)
+    optimizer, scheduler = build_optimizer(cfg, [ddp], on_cuda)
+    # One DDP holds the stage's weights; its chunks share them, so grads are finalised once.
+    model.config.finalize_model_grads_func = lambda _chunks, num_tokens=None, **kw: finalize_model_grads(
+        [ddp], num_tokens, **kw)
     model.config.no_sync_func = ddp.no_sync
     model.config.grad_scale_func = optimizer.scale_loss
 
@@ -103,12 +108,13 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
 
     step, run_id = 0, None
     if hooks.checkpoint is not None:
-        extra = load_checkpoint(hooks.checkpoint, chunks, optimizer, scheduler)
+        extra = load_checkpoint(hooks.checkpoint, [ddp], optimizer, scheduler)
         step, run_id = extra["step"], extra.get("run_id")
         batches.load_state_dict(extra["data"])
 
     logging_rank = hooks.world_rank == 0
-    tracker = Tracker(cfg, run_dir, run_id) if logging_rank else None
+    hosts = host_count()
+    tracker = Tracker(cfg, run_dir, run_id, vocab_size, hosts, step) if logging_rank else None
     progress = Progress(t.steps, step)
     flops_per_token = forward_flops_per_token(cfg, vocab_size).training
     tokens_per_step = t.global_batch_size * seq
@@ -116,7 +122,7 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < t.steps:
-            local = train_step(chunks, optimizer, scheduler, batches, num_micro, seq, t.micro_batch_size)
+            local = train_step(stage, optimizer, scheduler, batches, num_micro, t.micro_batch_size)
             step += 1
             window_steps += 1
             log, ev, ck = (_due(step, t.log_interval, t.steps), _due(step, t.eval_interval, t.steps),
@@ -125,13 +131,16 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
                 continue
             keys = keys or _union_keys(local)
             metrics = reduce_means(local, keys)
+            # The LM loss lives on the last stage and the router's losses on the first: add after reducing.
+            metrics["loss"] = metrics["lm_loss"] + metrics.get("router/aux_loss", 0.0)
             elapsed = time.perf_counter() - window_start
             metrics["perf/tokens_per_s"] = tokens_per_step * window_steps / elapsed
             metrics["perf/tflops_per_s"] = flops_per_token * metrics["perf/tokens_per_s"] / 1e12
+            metrics["perf/mfu"] = mfu(metrics["perf/tflops_per_s"], cfg.world_size, on_cuda, t.precision)
             metrics["perf/peak_mem_gib"] = reduce_means({"m": peak_memory_gib()}, ["m"])["m"]
             metrics["tokens"] = float(step * tokens_per_step)
             if ev:
-                val_metrics, val_state = evaluate(chunks, val_batches, seq, t.micro_batch_size)
+                val_metrics, val_state = evaluate(stage, val_batches, t.micro_batch_size)
                 metrics.update(reduce_means(val_metrics, ["val_loss"]))
                 if "val_loss" in metrics:
                     metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
@@ -141,7 +150,7 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
             if ck:
                 directory = Path(tempfile.mkdtemp(prefix=f"mor-ckpt-{step}-"))
                 extra = {"step": step, "data": batches.state_dict(), "run_id": tracker.run_id if tracker else None}
-                save_checkpoint(directory, chunks, optimizer, scheduler, extra)
+                save_checkpoint(directory, [ddp], optimizer, scheduler, extra)
             if tracker is not None:
                 tracker.log(metrics, step)
                 print(progress.line(step, metrics), flush=True)

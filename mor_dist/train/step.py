@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
@@ -9,12 +10,37 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from mor_dist.config import RunConfig
 from mor_dist.model.routing import AuxLossAttacher, TokenChoiceRouter
+from mor_dist.parallel.pipeline import ChunkBatches, PipelineChunk, message_rows
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The MoRModel inside a DDP wrapper."""
+    """The MoRModel inside a DDP wrapper or behind a PipelineChunk."""
     return getattr(chunk, "module", chunk)
+
+
+@dataclass
+class Stage:
+    """This rank's model as the schedules need it: one DDP holding the weights, and its chunks."""
+
+    ddp: torch.nn.Module
+    chunks: list[torch.nn.Module]
+    message_rows: int  # the sequence length of stage-to-stage messages
+
+    @classmethod
+    def build(cls, cfg: RunConfig, ddp: torch.nn.Module) -> "Stage":
+        model = unwrap(ddp)
+        if cfg.parallel.pp == 1:
+            return cls(ddp, [ddp], cfg.model.seq_length)
+        return cls(ddp, [PipelineChunk(ddp, vs) for vs in model.chunks], message_rows(cfg, model.routed))
+
+    def data(self, source: Iterator):
+        """The schedule's data_iterator: the source, or one view of it per virtual chunk."""
+        if len(self.chunks) == 1:
+            return source
+        tee = ChunkBatches(source, len(self.chunks))
+        return [tee.iterator(i) for i in range(len(self.chunks))]
 
 
 class StepState:
@@ -26,10 +52,14 @@ class StepState:
         self.depths: list[torch.Tensor] = []  # recursions each token took, [b, s]
 
     def router_means(self) -> dict[str, float]:
-        if not self.router:
-            return {}
-        return {f"router/{k}": float(torch.stack([s[k].float() for s in self.router]).mean())
-                for k in self.router[0]}
+        """Mean of each router statistic over the calls that produced it; aux_loss sums the recursions'."""
+        keys = sorted({k for stats in self.router for k in stats})
+        means = {f"router/{k}": float(torch.stack([s[k].float() for s in self.router if k in s]).mean())
+                 for k in keys}
+        aux = [v for k, v in means.items() if k.endswith("/aux_loss")]
+        if aux:
+            means["router/aux_loss"] = sum(aux)
+        return means
 
 
 def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -41,10 +71,10 @@ def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 def _forward_step(state: StepState, data_iterator: Iterator, model: torch.nn.Module):
     batch = next(data_iterator)
-    device = next(model.parameters()).device
+    inner = unwrap(model)
+    device = next(inner.parameters()).device
     tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
     output = model(tokens, labels=labels)
-    inner = unwrap(model)
     state.router.append(inner.router_stats)
     if not inner.training and inner.token_depths is not None:
         state.tokens.append(batch["tokens"])
@@ -59,39 +89,35 @@ def _lm_loss(reduced: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     return {"lm_loss": float(total[0] / total[1])}
 
 
-def run_microbatches(chunks: list[torch.nn.Module], data_iterator: Iterator, num_microbatches: int,
-                     seq_length: int, micro_batch_size: int, forward_only: bool) -> tuple[dict[str, float], StepState]:
+def run_microbatches(stage: Stage, data_iterator: Iterator, num_microbatches: int, micro_batch_size: int,
+                     forward_only: bool) -> tuple[dict[str, float], StepState]:
     """forward (and backward) over the step's micro-batches; returns local metrics."""
     state = StepState()
     AuxLossAttacher.scale = 1.0 / num_microbatches
     reduced = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, state),
-        data_iterator=data_iterator,
-        model=chunks,
+        data_iterator=stage.data(data_iterator),
+        model=stage.chunks,
         num_microbatches=num_microbatches,
-        seq_length=seq_length,
+        seq_length=stage.message_rows,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
     return _lm_loss(reduced), state
 
 
-def train_step(chunks, optimizer, scheduler, data_iterator, num_microbatches: int, seq_length: int,
+def train_step(stage: Stage, optimizer, scheduler, data_iterator, num_microbatches: int,
                micro_batch_size: int) -> dict[str, float]:
     """Zero grads, forward/backward all micro-batches, clip and step; local (unreduced) metrics."""
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
+    stage.ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    metrics, state = run_microbatches(chunks, data_iterator, num_microbatches, seq_length, micro_batch_size, False)
+    metrics, state = run_microbatches(stage, data_iterator, num_microbatches, micro_batch_size, False)
     ok, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
-    for chunk in chunks:
-        router = unwrap(chunk).router
-        if isinstance(router, TokenChoiceRouter):
-            router.update_bias(parallel_state.get_data_parallel_group())
+    router = unwrap(stage.ddp).router
+    if isinstance(router, TokenChoiceRouter):
+        router.update_bias(parallel_state.get_data_parallel_group())
     metrics.update(state.router_means())
-    if "lm_loss" in metrics:
-        metrics["loss"] = metrics["lm_loss"] + metrics.get("router/aux_loss", 0.0)
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["lr"] = float(optimizer.param_groups[0]["lr"])
     metrics["skipped"] = 0.0 if ok else 1.0
@@ -99,15 +125,13 @@ def train_step(chunks, optimizer, scheduler, data_iterator, num_microbatches: in
 
 
 @torch.no_grad()
-def evaluate(chunks, batches: list[dict[str, torch.Tensor]], seq_length: int,
+def evaluate(stage: Stage, batches: list[dict[str, torch.Tensor]],
              micro_batch_size: int) -> tuple[dict[str, float], StepState]:
     """Validation loss over fixed batches (eval mode: routing follows routing.inference_rule).
 
     The returned state holds the validation tokens and each token's depth on the router's stage.
     """
-    for chunk in chunks:
-        chunk.eval()
-    metrics, state = run_microbatches(chunks, iter(batches), len(batches), seq_length, micro_batch_size, True)
-    for chunk in chunks:
-        chunk.train()
+    stage.ddp.eval()
+    metrics, state = run_microbatches(stage, iter(batches), len(batches), micro_batch_size, True)
+    stage.ddp.train()
     return ({"val_loss": metrics["lm_loss"]} if metrics else {}), state

@@ -1,0 +1,136 @@
+"""Side-by-side comparison of tracked runs: a summary table and a loss-versus-tokens plot."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from matplotlib.figure import Figure
+
+DEFAULT_URI = "sqlite:///runs/mlflow.db"  # training's default store with run.storage_path=runs
+
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the store that training writes to by default."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One row of the comparison table."""
+
+    name: str
+    run_id: str
+    model: str
+    params: Optional[int]
+    final_val_loss: Optional[float]
+    best_val_loss: Optional[float]
+    tokens_per_s: Optional[float]
+    mfu: Optional[float]
+    peak_mem_gib: Optional[float]
+
+
+def find_runs(client: Any, experiment: Optional[str], run_ids: list[str], filter_string: str = "") -> list[Any]:
+    """The given runs, else every run of the experiment (oldest first), optionally filtered."""
+    if run_ids:
+        return [client.get_run(run_id) for run_id in run_ids]
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise ValueError(f"no experiment named {experiment!r} in {client.tracking_uri}")
+    return client.search_runs([found.experiment_id], filter_string, order_by=["attributes.start_time ASC"])
+
+
+def history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of one metric, by step."""
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def model_label(tags: dict[str, str]) -> str:
+    """e.g. `mor expert_choice N_r=3`, `recursive N_r=2`, `vanilla`."""
+    kind = tags.get("model_kind", "?")
+    if kind == "vanilla":
+        return kind
+    routing = f" {tags['routing']}" if kind == "mor" and "routing" in tags else ""
+    return f"{kind}{routing} N_r={tags.get('num_recursions', '?')}"
+
+
+def summarize_run(client: Any, run: Any) -> RunSummary:
+    """Table row: final/best validation loss, median tokens/s and MFU, maximum peak memory."""
+    run_id = run.info.run_id
+    val = [v for _, v in history(client, run_id, "val/loss")]
+    speed = [v for _, v in history(client, run_id, "perf/tokens_per_s")]
+    mfu = [v for _, v in history(client, run_id, "perf/mfu")]
+    memory = [v for _, v in history(client, run_id, "perf/peak_mem_gib")]
+    params = run.data.params.get("derived.num_parameters")
+    return RunSummary(
+        name=run.info.run_name or run_id[:8],
+        run_id=run_id,
+        model=model_label(run.data.tags),
+        params=int(params) if params is not None else None,
+        final_val_loss=val[-1] if val else None,
+        best_val_loss=min(val) if val else None,
+        tokens_per_s=statistics.median(speed) if speed else None,
+        mfu=statistics.median(mfu) if mfu else None,
+        peak_mem_gib=max(memory) if memory else None,
+    )
+
+
+def _fmt(value: Optional[float], spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    return "-" if value is None else format(value * scale, spec) + suffix
+
+
+def format_table(rows: list[RunSummary]) -> str:
+    """Aligned plain-text table, one run per line."""
+    header = ["run", "run id", "model", "params", "final val loss", "best val loss", "tokens/s", "MFU",
+              "peak mem GiB"]
+    body = [[r.name, r.run_id[:8], r.model, _fmt(r.params, ".2f", 1e-6, "M"), _fmt(r.final_val_loss, ".4f"),
+             _fmt(r.best_val_loss, ".4f"), _fmt(r.tokens_per_s, ",.0f"), _fmt(r.mfu, ".1f", 100, "%"),
+             _fmt(r.peak_mem_gib, ".2f")] for r in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+             for line in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_loss(client: Any, runs: list[Any], path: Path) -> None:
+    """PNG: training loss (lines) and validation loss (markers) against tokens seen, one colour per run."""
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    for i, run in enumerate(runs):
+        run_id, color = run.info.run_id, f"C{i % 10}"
+        tokens = dict(history(client, run_id, "train/tokens"))
+        label = f"{run.info.run_name or run_id[:8]} ({model_label(run.data.tags)})"
+        train = [(tokens[s], v) for s, v in history(client, run_id, "train/loss") if s in tokens]
+        val = [(tokens[s], v) for s, v in history(client, run_id, "val/loss") if s in tokens]
+        if train:
+            ax.plot(*zip(*train), color=color, label=label)
+        if val:
+            ax.plot(*zip(*val), "o", color=color, label=f"{label} val" if train else label)
+    ax.set(xlabel="tokens", ylabel="loss", title="Loss versus tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def compare(tracking_uri: str, experiment: Optional[str], run_ids: list[str], plot_path: Path,
+            filter_string: str = "") -> str:
+    """The comparison table of the selected runs; writes the loss plot to `plot_path`."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        raise ValueError(f"no MLflow store at {tracking_uri} (train first, or pass --tracking-uri)")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        runs = find_runs(client, experiment, run_ids, filter_string)
+    except MlflowException as err:
+        raise ValueError(err.message) from err
+    if not runs:
+        raise ValueError(f"no runs found in experiment {experiment!r} at {tracking_uri}")
+    plot_loss(client, runs, plot_path)
+    return format_table([summarize_run(client, run) for run in runs])

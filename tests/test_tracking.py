@@ -1,0 +1,203 @@
+"""MLflow tracking: one run with params, tags, metrics by step and artifacts; resume without duplicate
+steps; an unreachable server; the comparison script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from mor_dist.config import REPO_ROOT, RunConfig, load_config
+from mor_dist.data import padded_vocab_size, prepare_data
+from mor_dist.tracking.metadata import metric_name
+from mor_dist.tracking.perf import peak_flops
+from mor_dist.tracking.tracker import TrackingWarning
+from mor_dist.tracking.validation import depth_metrics
+from mor_dist.train.loop import Hooks, train
+
+TINY = ["train.warmup_steps=1", "train.micro_batch_size=4", "train.global_batch_size=4", "model.seq_length=64",
+        "train.eval_batches=2"]
+
+
+class Interrupted(Exception):
+    """Stands in for a crashed worker."""
+
+
+class Runner:
+    """Runs the training loop in this process and keeps the checkpoint directories it reports."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.checkpoints: dict[int, Path] = {}
+
+    def config(self, name: str, *overrides: str) -> RunConfig:
+        return load_config(None, [*TINY, f"run.name={name}", f"run.storage_path={self.root}", *overrides])
+
+    def __call__(self, cfg: RunConfig, resume: Optional[Path] = None, stop_at: Optional[int] = None) -> Path:
+        prepared = prepare_data(cfg, self.root / "cache")
+
+        def report(metrics: dict[str, float], directory: Optional[Path]) -> None:
+            if directory is not None:
+                self.checkpoints[int(metrics["step"])] = directory
+            if stop_at is not None and metrics["step"] >= stop_at:
+                raise Interrupted
+
+        run_dir = self.root / cfg.run.name
+        train(cfg, prepared.directory, padded_vocab_size(prepared.vocab_size, 1), run_dir, False,
+              Hooks(0, report, resume))
+        return run_dir
+
+    def cleanup(self) -> None:
+        for directory in self.checkpoints.values():
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory, world):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        r = Runner(tmp_path_factory.mktemp("tracking"))
+        yield r
+        r.cleanup()
+
+
+@pytest.fixture(scope="module")
+def client(runner) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{runner.root / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(runner, client):
+    """Six steps, logged every two, validation and checkpoint at the end, default (sqlite) store."""
+    runner(runner.config("tiny", "train.steps=6", "train.log_interval=2", "tracking.experiment=tiny"))
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    return run
+
+
+@pytest.fixture(scope="module")
+def resumed_run(runner, client):
+    """Eight steps, interrupted after step 5, resumed from the step-3 checkpoint (steps 4 and 5 replay)."""
+    cfg = runner.config("resumed", "train.steps=8", "train.log_interval=1", "train.eval_interval=4",
+                        "train.checkpoint_interval=3", "tracking.experiment=resumed")
+    with pytest.raises(Interrupted):
+        runner(cfg, stop_at=5)
+    run_dir = runner(cfg, resume=runner.checkpoints[3])
+    runs = client.search_runs([client.get_experiment_by_name("resumed").experiment_id])
+    return runs, run_dir
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_tiny_run_logs_params_tags_metrics_and_artifacts(tiny_run, client, runner):
+    run = tiny_run
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.hidden_size"] == "64" and params["routing.kind"] == "expert_choice"
+    assert params["train.steps"] == "6" and params["tracking.uri"] == "null"
+    assert int(params["derived.num_parameters"]) > 0 and float(params["derived.flops_per_token"]) > 0
+    tags = run.data.tags
+    assert {k: tags[k] for k in ("model_kind", "routing", "num_recursions", "sharing", "parallel_layout",
+                                 "precision", "host_count")} == {
+        "model_kind": "mor", "routing": "expert_choice", "num_recursions": "3", "sharing": "middle_cycle",
+        "parallel_layout": "tp1-pp1-dp1", "precision": "fp32", "host_count": "1"}
+    assert tags["git_commit"]
+    run_id = run.info.run_id
+    for key in ("train/loss", "train/lm_loss", "train/lr", "train/grad_norm", "train/tokens", "perf/tokens_per_s",
+                "perf/mfu", "perf/peak_mem_gib", "router/r1/mean_weight", "router/r3/selected_frac",
+                "router/r2/rule_agreement", "router/r2/bce_loss"):
+        assert steps(client, run_id, key) == [2, 4, 6], key
+    for key in ("val/loss", "val/ppl", "router/val/dead_token_ratio", "router/val/depth1_reached",
+                "router/val/depth3_reached", "router/val/mean_depth"):
+        assert steps(client, run_id, key) == [6], key
+    metrics = run.data.metrics
+    assert 0.0 < metrics["perf/mfu"] < 1.0
+    assert metrics["router/val/depth1_reached"] == 1.0 and 0 < metrics["router/val/depth3_reached"] < 1
+    assert metrics["val/ppl"] == pytest.approx(torch.tensor(metrics["val/loss"]).exp().item(), rel=1e-4)
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "validation"}
+    files = {Path(a.path).name: a.file_size for a in client.list_artifacts(run_id, "validation/step_000006")}
+    assert files.keys() == {"depth_distribution.png", "depth_tokens.md"} and min(files.values()) > 1000
+    table = Path(client.download_artifacts(run_id, "validation/step_000006/depth_tokens.md",
+                                           str(runner.root / "download"))).read_text()
+    assert "| position | token | depth |" in table and "mean depth" in table
+    local = [json.loads(line) for line in (runner.root / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in local if "train/loss" in r] == [2, 4, 6]
+
+
+def test_resumed_run_continues_with_one_value_per_step(resumed_run, client):
+    runs, run_dir = resumed_run
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run_id = runs[0].info.run_id
+    keys = runs[0].data.metrics.keys()
+    assert {"train/loss", "val/loss", "perf/mfu", "router/val/dead_token_ratio"} <= keys
+    for key in keys:
+        logged = steps(client, run_id, key)
+        assert len(logged) == len(set(logged)), (key, logged)
+    assert steps(client, run_id, "train/loss") == list(range(1, 9))
+    assert steps(client, run_id, "val/loss") == [4, 8]
+    local = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    counts = Counter((key, r["step"]) for r in local for key in r if key != "step")
+    assert max(counts.values()) == 1 and counts[("train/loss", 5)] == 1
+
+
+def test_unreachable_tracking_server_warns_and_training_finishes(runner, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    cfg = runner.config("offline", "train.steps=2", "train.log_interval=1", f"tracking.uri=http://127.0.0.1:{port}")
+    with pytest.warns(TrackingWarning, match=f"127.0.0.1:{port} is unavailable"):
+        run_dir = runner(cfg)
+    local = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in local if "train/loss" in r] == [1, 2]
+    assert any("val/loss" in r for r in local)
+    assert (run_dir / "validation" / "step_000002" / "depth_distribution.png").stat().st_size > 1000
+
+
+def compare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "compare.py"), *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_compare_prints_a_table_and_writes_the_plot(tiny_run, resumed_run, runner):
+    runs, _ = resumed_run
+    plot = runner.root / "compare.png"
+    uri = f"sqlite:///{runner.root / 'mlflow.db'}"
+    done = compare("--tracking-uri", uri, "--plot", str(plot), "--run-ids", tiny_run.info.run_id, runs[0].info.run_id)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "final val loss" in lines[0] and "MFU" in lines[0] and "peak mem GiB" in lines[0]
+    assert lines[2].startswith("tiny ") and lines[3].startswith("resumed ")
+    assert "mor expert_choice N_r=3" in lines[2] and "%" in lines[2] and "M " in lines[2]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = compare("--tracking-uri", uri, "--plot", str(plot), "--experiment", "no-such")
+    assert missing.returncode == 2 and "no experiment named 'no-such'" in missing.stderr
+
+
+def test_depth_metrics_and_dead_tokens():
+    depths = torch.tensor([[3, 1, 2, 1],
+                           [1, 1, 3, 2]])
+    out = depth_metrics(depths, 3)
+    assert out["router/val/depth1_reached"] == 1.0
+    assert out["router/val/depth2_reached"] == pytest.approx(4 / 8)
+    assert out["router/val/depth3_reached"] == pytest.approx(2 / 8)
+    assert out["router/val/dead_token_ratio"] == pytest.approx(2 / 4)  # positions 1 and 3 never reach depth 3
+    assert out["router/val/mean_depth"] == pytest.approx(14 / 8)
+
+
+def test_metric_names_are_grouped_and_peak_is_cached():
+    assert [metric_name(k) for k in ("loss", "val_loss", "val_ppl", "router/r1/mean_weight", "perf/mfu")] == [
+        "train/loss", "val/loss", "val/ppl", "router/r1/mean_weight", "perf/mfu"]
+    first = peak_flops(False, "fp32")
+    assert first > 1e8 and peak_flops(False, "fp32") == first
