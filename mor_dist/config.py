@@ -102,9 +102,9 @@ class TrainConfig:
     fp8_recipe: Literal["tensorwise", "blockwise", "delayed"] = "tensorwise"
     seed: int = 1234
     log_interval: int = 5
-    eval_interval: int = 0  # 0: only at the end
+    eval_interval: int = 0  # 0: only at the end; -1: never
     eval_batches: int = 4
-    checkpoint_interval: int = 0  # 0: only at the end
+    checkpoint_interval: int = 0  # 0: only at the end; -1: never
 
 
 @dataclass
@@ -275,6 +275,26 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_pipeline(cfg: RunConfig) -> None:
+    """Stages must split the layers evenly, and the interleaved schedule needs whole micro-batch groups."""
+    from mor_dist.model.sharing import layer_plan
+    from mor_dist.parallel.pipeline import is_cyclic, stage_chunks
+
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    plan = layer_plan("none", m.num_layers, 1) if m.kind == "vanilla" else \
+        layer_plan(m.sharing, m.num_layers, m.num_recursions)
+    stage_chunks(plan, 0, p.pp)  # raises ConfigError naming model.num_layers / parallel.pp
+    _require(not (m.kind != "vanilla" and cfg.routing.kv_sharing),
+             "routing.kv_sharing is not supported with parallel.pp > 1 yet (the recursion-1 cache is per "
+             "micro-batch); use parallel.pp=1 or routing.kv_sharing=false")
+    micro = t.global_batch_size // max(1, t.micro_batch_size * p.dp)
+    if is_cyclic(plan):
+        _require(micro % p.pp == 0,
+                 f"the interleaved pipeline runs micro-batches in groups of parallel.pp={p.pp}: "
+                 f"train.global_batch_size / (train.micro_batch_size * parallel.dp) = {micro} must be a multiple "
+                 f"of {p.pp}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Reject impossible combinations before anything expensive starts."""
     m, r, p, t = cfg.model, cfg.routing, cfg.parallel, cfg.train
@@ -320,6 +340,8 @@ def validate(cfg: RunConfig) -> None:
         _require(p.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
         _require(m.seq_length % p.tp == 0,
                  f"model.seq_length={m.seq_length} must be divisible by parallel.tp={p.tp} for sequence parallel")
+    if p.pp > 1:
+        _validate_pipeline(cfg)
     _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     per_step = t.micro_batch_size * p.dp
@@ -332,6 +354,8 @@ def validate(cfg: RunConfig) -> None:
              f"train.warmup_steps={t.warmup_steps} must be below train.steps={t.steps}")
     _require(0.0 <= t.decay_fraction <= 1.0, f"train.decay_fraction must lie in [0, 1], got {t.decay_fraction}")
     _require(t.log_interval >= 1, f"train.log_interval must be >= 1, got {t.log_interval}")
+    for key in ("eval_interval", "checkpoint_interval"):
+        _require(getattr(t, key) >= -1, f"train.{key} must be -1 (never), 0 (at the end) or a step count")
     _require(0.0 < cfg.data.validation_fraction < 1.0,
              f"data.validation_fraction must lie in (0, 1), got {cfg.data.validation_fraction}")
     if m.vocab_size is not None:

@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _init(rank: int, world: int, store: str) -> None:
+    """A file rendezvous: no ports to collide with other processes on the machine."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
-def _worker(rank: int, world: int, port: int, overrides: list[str], data_dir: str, vocab: int, out: str) -> None:
+def _worker(rank: int, world: int, store: str, overrides: list[str], data_dir: str, vocab: int, out: str) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    _init(rank, world, store)
     from mor_dist.config import load_config
     from mor_dist.train.loop import Hooks, train
 
@@ -35,10 +33,25 @@ def _worker(rank: int, world: int, port: int, overrides: list[str], data_dir: st
     dist.destroy_process_group()
 
 
+def _call(rank: int, world: int, store: str, fn, args: tuple, out: str) -> None:
+    _init(rank, world, store)
+    Path(f"{out}.{rank}").write_text(json.dumps(fn(*args)))
+    dist.destroy_process_group()
+
+
+def run_ranks(world: int, fn, args: tuple, out_dir: Path) -> list:
+    """fn(*args) on every rank of a gloo world (fn at module level, JSON-able result); results by rank."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = str(out_dir / "result")
+    mp.start_processes(_call, args=(world, str(out_dir / "store"), fn, args, out), nprocs=world, join=True,
+                       start_method="spawn")
+    return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(world)]
+
+
 def run_world(world: int, overrides: list[str], data_dir: Path, vocab: int, out_dir: Path) -> list[dict]:
     """Train in `world` processes; returns the metrics rank 0 reported at each report point."""
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "reports.json"
-    mp.start_processes(_worker, args=(world, _free_port(), overrides, str(data_dir), vocab, str(out)),
+    mp.start_processes(_worker, args=(world, str(out_dir / "store"), overrides, str(data_dir), vocab, str(out)),
                        nprocs=world, join=True, start_method="spawn")
     return json.loads(out.read_text())

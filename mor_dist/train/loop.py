@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -73,7 +74,19 @@ class Progress:
 
 
 def _due(step: int, interval: int, last: int) -> bool:
+    """interval -1: never; 0: at the last step only; n: every n steps and at the last."""
+    if interval < 0:
+        return False
     return step == last or (interval > 0 and step % interval == 0)
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's value on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def _union_keys(local: dict[str, float]) -> list[str]:
@@ -115,6 +128,7 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
     logging_rank = hooks.world_rank == 0
     hosts = host_count()
     tracker = Tracker(cfg, run_dir, run_id, vocab_size, hosts, step) if logging_rank else None
+    run_id = _broadcast(tracker.run_id if tracker else None)  # checkpoints' common state must agree
     progress = Progress(t.steps, step)
     flops_per_token = forward_flops_per_token(cfg, vocab_size).training
     tokens_per_step = t.global_batch_size * seq
@@ -149,7 +163,7 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
             directory = None
             if ck:
                 directory = Path(tempfile.mkdtemp(prefix=f"mor-ckpt-{step}-"))
-                extra = {"step": step, "data": batches.state_dict(), "run_id": tracker.run_id if tracker else None}
+                extra = {"step": step, "data": batches.state_dict(), "run_id": run_id}
                 save_checkpoint(directory, [ddp], optimizer, scheduler, extra)
             if tracker is not None:
                 tracker.log(metrics, step)
@@ -164,11 +178,22 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
         tracker.finish()
 
 
+def _quiet_report_log() -> None:
+    """Ray 2.60 logs every report at INFO under a logger named by its file path, which the
+    LoggingConfig level does not reach; keep those lines in the log files, off the console."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def ray_worker(payload: dict[str, Any]) -> None:
     """TorchTrainer entry point: unpack the payload, bind the loop to ray.train."""
     import ray.train
     import ray.train.torch
 
+    _quiet_report_log()
     cfg = config_from_dict(payload["config"])
     on_cuda = payload["on_cuda"]
     if on_cuda:
