@@ -123,6 +123,7 @@ class RunSettings:
     name: Optional[str] = None  # None: derived from the config file name
     storage_path: str = "runs"
     max_failures: int = 0
+    keep_checkpoints: int = 3  # the newest N checkpoints are kept
 
 
 @dataclass
@@ -360,6 +361,7 @@ def validate(cfg: RunConfig) -> None:
              f"data.validation_fraction must lie in (0, 1), got {cfg.data.validation_fraction}")
     if m.vocab_size is not None:
         _require(m.vocab_size % p.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
+    _require(cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {cfg.run.keep_checkpoints}")
     _require(cfg.run.max_failures >= 0, f"run.max_failures must be >= 0, got {cfg.run.max_failures}")
 
 

@@ -67,19 +67,20 @@ def check_fits(cfg: RunConfig, on_cuda: bool) -> None:
         raise ConfigError(f"train.precision={cfg.train.precision} needs GPUs; use train.precision=fp32 on CPU")
 
 
-def connect_ray() -> None:
-    """Join the cluster of RAY_ADDRESS / `ray job submit`, else start a local one."""
+def connect_ray(workers: int) -> None:
+    """Join the cluster of RAY_ADDRESS / `ray job submit`, else start a local one with room for `workers`."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.update({k: v for k, v in WORKER_ENV.items() if k.startswith("RAY_")})
     address = os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": dict(WORKER_ENV)}
+    env = {"env_vars": {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k.startswith("MOR_DIST_")}}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, 2), runtime_env=env, log_to_driver=True)
+        # A local CPU cluster may oversubscribe cores so that any layout can be tried on a laptop.
+        ray.init(num_cpus=max(os.cpu_count() or 1, workers), runtime_env=env, log_to_driver=True)
 
 
 def launch(cfg: RunConfig, resume_from: Optional[Path] = None) -> LaunchResult:
@@ -89,11 +90,22 @@ def launch(cfg: RunConfig, resume_from: Optional[Path] = None) -> LaunchResult:
 
     from mor_dist.data import padded_vocab_size, prepare_data
     from mor_dist.tracking.tracker import tracking_uri
+    from mor_dist.train.checkpoint import checkpoint_step, latest_valid, verify
 
     storage, run_dir = run_paths(cfg)
+    if resume_from is not None and (problem := verify(resume_from)) is not None:
+        raise ConfigError(f"--resume-from: {problem}")
+    if resume_from is None:
+        resume_from = latest_valid(run_dir)
+    if resume_from is not None:
+        step = checkpoint_step(resume_from)
+        if step >= cfg.train.steps:
+            raise ConfigError(f"run '{cfg.run.name}' is already complete at step {step} ({resume_from}); raise "
+                              f"train.steps to continue it, or choose another run.name")
+        print(f"resuming from {resume_from} (step {step})", flush=True)
     prepared = prepare_data(cfg, storage / "cache")  # bad data fails here, before any worker
     vocab = cfg.model.vocab_size or padded_vocab_size(prepared.vocab_size, cfg.parallel.tp)
-    connect_ray()
+    connect_ray(cfg.world_size)
     on_cuda = wants_gpu(cfg)
     check_fits(cfg, on_cuda)
     payload = {
@@ -116,7 +128,7 @@ def launch(cfg: RunConfig, resume_from: Optional[Path] = None) -> LaunchResult:
             name=cfg.run.name,
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=3),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # per-report INFO stays in log files
         ),
     )

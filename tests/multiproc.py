@@ -16,7 +16,8 @@ def _init(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
-def _worker(rank: int, world: int, store: str, overrides: list[str], data_dir: str, vocab: int, out: str) -> None:
+def _worker(rank: int, world: int, store: str, overrides: list[str], data_dir: str, vocab: int, out: str,
+            resume: str | None) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -26,8 +27,10 @@ def _worker(rank: int, world: int, store: str, overrides: list[str], data_dir: s
 
     cfg = load_config(None, overrides)
     reports: list[dict] = []
-    hooks = Hooks(rank, lambda metrics, directory: reports.append({**metrics, "checkpoint": str(directory)}))
-    train(cfg, Path(data_dir), vocab, Path(out).parent / "run", False, hooks)
+    run_dir = Path(out).parent / "run"
+    hooks = Hooks(rank, lambda metrics, directory: reports.append({**metrics, "checkpoint": str(directory)}),
+                  Path(resume) if resume else None, lambda step: run_dir / f"checkpoint_{step:06d}")
+    train(cfg, Path(data_dir), vocab, run_dir, False, hooks)
     if rank == 0:
         Path(out).write_text(json.dumps(reports))
     dist.destroy_process_group()
@@ -48,10 +51,12 @@ def run_ranks(world: int, fn, args: tuple, out_dir: Path) -> list:
     return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(world)]
 
 
-def run_world(world: int, overrides: list[str], data_dir: Path, vocab: int, out_dir: Path) -> list[dict]:
-    """Train in `world` processes; returns the metrics rank 0 reported at each report point."""
+def run_world(world: int, overrides: list[str], data_dir: Path, vocab: int, out_dir: Path,
+              resume: Path | None = None) -> list[dict]:
+    """Train in `world` processes (checkpoints in out_dir/run); returns rank 0's reports."""
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "reports.json"
-    mp.start_processes(_worker, args=(world, str(out_dir / "store"), overrides, str(data_dir), vocab, str(out)),
+    mp.start_processes(_worker, args=(world, str(out_dir / "store"), overrides, str(data_dir), vocab, str(out),
+                                          str(resume) if resume else None),
                        nprocs=world, join=True, start_method="spawn")
     return json.loads(out.read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from mor_dist.parallel.setup import init_model_parallel
 from mor_dist.tracking.metadata import host_count
 from mor_dist.tracking.perf import mfu
 from mor_dist.tracking.tracker import Tracker
-from mor_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from mor_dist.train.checkpoint import latest_valid, load_checkpoint, save_checkpoint
 from mor_dist.train.metrics import reduce_means
 from mor_dist.train.optim import build_optimizer, wrap_ddp
 from mor_dist.train.step import Stage, evaluate, train_step
@@ -37,6 +38,9 @@ class Hooks:
     world_rank: int
     report: Callable[[dict[str, float], Optional[Path]], None]
     checkpoint: Optional[Path] = None  # a checkpoint directory to resume from
+    # Where this rank writes the checkpoint of a step: a fresh local directory per worker for Ray
+    # (report() uploads each worker's files into one storage directory), or one shared directory.
+    checkpoint_dir: Callable[[int], Path] = lambda step: Path(tempfile.mkdtemp(prefix=f"mor-ckpt-{step}-"))
 
 
 def peak_memory_gib() -> float:
@@ -80,6 +84,17 @@ def _due(step: int, interval: int, last: int) -> bool:
     return step == last or (interval > 0 and step % interval == 0)
 
 
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """Test-only: MOR_DIST_FAULT="step:rank:marker" kills that rank's process once, after that step."""
+    spec = os.environ.get("MOR_DIST_FAULT")
+    if not spec:
+        return
+    at, victim, marker = spec.split(":", 2)
+    if step == int(at) and rank == int(victim) and not Path(marker).exists():
+        Path(marker).write_text(f"killed rank {rank} after step {step}\n")
+        os._exit(1)
+
+
 def _broadcast(value: Any) -> Any:
     """Rank 0's value on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -121,9 +136,9 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
 
     step, run_id = 0, None
     if hooks.checkpoint is not None:
-        extra = load_checkpoint(hooks.checkpoint, [ddp], optimizer, scheduler)
+        extra, position = load_checkpoint(hooks.checkpoint, ddp, optimizer, scheduler)
         step, run_id = extra["step"], extra.get("run_id")
-        batches.load_state_dict(extra["data"])
+        batches.load_state_dict(position)
 
     logging_rank = hooks.world_rank == 0
     hosts = host_count()
@@ -138,6 +153,7 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
         while step < t.steps:
             local = train_step(stage, optimizer, scheduler, batches, num_micro, t.micro_batch_size)
             step += 1
+            _maybe_inject_fault(step, hooks.world_rank)
             window_steps += 1
             log, ev, ck = (_due(step, t.log_interval, t.steps), _due(step, t.eval_interval, t.steps),
                            _due(step, t.checkpoint_interval, t.steps))
@@ -162,9 +178,9 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
                     tracker.log_validation(step, val_state.tokens, val_state.depths)
             directory = None
             if ck:
-                directory = Path(tempfile.mkdtemp(prefix=f"mor-ckpt-{step}-"))
-                extra = {"step": step, "data": batches.state_dict(), "run_id": run_id}
-                save_checkpoint(directory, [ddp], optimizer, scheduler, extra)
+                directory = hooks.checkpoint_dir(step)
+                extra = {"step": step, "run_id": run_id, "config": cfg.to_dict(), "vocab_size": vocab_size}
+                save_checkpoint(directory, ddp, optimizer, scheduler, extra, batches.state_dict())
             if tracker is not None:
                 tracker.log(metrics, step)
                 print(progress.line(step, metrics), flush=True)
@@ -199,19 +215,13 @@ def ray_worker(payload: dict[str, Any]) -> None:
     if on_cuda:
         torch.cuda.set_device(ray.train.torch.get_device())
     context = ray.train.get_context()
-    restored = ray.train.get_checkpoint()
-    resume = payload.get("resume_from")
+    run_dir = Path(payload["run_dir"])
+    # After Ray restarts the group, continue from the newest whole checkpoint of this run.
+    resume = latest_valid(run_dir) if ray.train.get_checkpoint() is not None else payload.get("resume_from")
 
     def report(metrics: dict[str, float], directory: Optional[Path]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
         ray.train.report(metrics, checkpoint=checkpoint)
 
-    def train_with(checkpoint_dir: Optional[Path]) -> None:
-        hooks = Hooks(context.get_world_rank(), report, checkpoint_dir)
-        train(cfg, Path(payload["data_dir"]), payload["vocab_size"], Path(payload["run_dir"]), on_cuda, hooks)
-
-    if restored is not None:
-        with restored.as_directory() as directory:
-            train_with(Path(directory))
-    else:
-        train_with(Path(resume) if resume else None)
+    hooks = Hooks(context.get_world_rank(), report, Path(resume) if resume else None)
+    train(cfg, Path(payload["data_dir"]), payload["vocab_size"], run_dir, on_cuda, hooks)

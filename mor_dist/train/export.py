@@ -1,0 +1,52 @@
+"""Export a dist checkpoint (any layout) to one file that loads without Ray or megatron parallel state."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import dist_checkpointing
+
+from mor_dist.config import ConfigError, config_from_dict
+from mor_dist.train.checkpoint import verify
+
+
+def export(checkpoint: Path, out_file: Path) -> dict[str, Any]:
+    """Gather the model into a single unsharded state dict: {"config", "vocab_size", "step", "model"}."""
+    from mor_dist.model.mor import build_model
+    from mor_dist.parallel.setup import init_model_parallel, init_single_process
+
+    problem = verify(checkpoint)
+    if problem is not None:
+        raise ConfigError(f"cannot export: {problem}")
+    extra = dist_checkpointing.load_common_state_dict(str(checkpoint))["extra"]
+    cfg = config_from_dict(extra["config"])
+    single = copy.deepcopy(cfg)
+    single.parallel.tp = single.parallel.pp = single.parallel.dp = 1
+    single.parallel.sequence_parallel = False
+    init_single_process()
+    init_model_parallel(single.parallel, single.train.seed)
+    model = build_model(single, extra["vocab_size"], on_cuda=False)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint))
+    model.load_state_dict(loaded["model"], strict=False)
+    payload = {"config": single.to_dict(), "vocab_size": extra["vocab_size"], "step": extra["step"],
+               "model": {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, out_file)
+    return payload
+
+
+def load_exported(path: Path, on_cuda: bool = False):
+    """(model, cfg) from an exported file, in a world of one process."""
+    from mor_dist.model.mor import build_model
+    from mor_dist.parallel.setup import init_model_parallel, init_single_process
+
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = config_from_dict(payload["config"])
+    init_single_process()
+    init_model_parallel(cfg.parallel, cfg.train.seed)
+    model = build_model(cfg, payload["vocab_size"], on_cuda)
+    model.load_state_dict(payload["model"], strict=False)
+    return model.eval(), cfg

@@ -1,0 +1,136 @@
+"""Issue 4: reshardable checkpoints, damaged-checkpoint detection, export, and recovery on Ray."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mor_dist.config import ConfigError, load_config
+from mor_dist.train.checkpoint import MANIFEST, latest_valid, verify
+from multiproc import run_world
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ["train.steps=4", "train.warmup_steps=1", "train.log_interval=1", "train.micro_batch_size=4",
+        "train.global_batch_size=8", "train.eval_interval=-1", "train.checkpoint_interval=3",
+        "tracking.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from mor_dist.data import padded_vocab_size, prepare_data
+
+    data = prepare_data(load_config(None, BASE), tmp_path_factory.mktemp("cache"))
+    return data, padded_vocab_size(data.vocab_size, 2)
+
+
+@pytest.fixture(scope="module")
+def tp2_run(prepared, tmp_path_factory):
+    """4 steps at tp=2 with checkpoints after steps 3 and 4."""
+    data, vocab = prepared
+    out = tmp_path_factory.mktemp("tp2")
+    reports = run_world(2, BASE + ["parallel.tp=2"], data.directory, vocab, out)
+    return reports, out / "run"
+
+
+@pytest.mark.parametrize("save,load", [("parallel.tp=2", "parallel.tp=1"), ("parallel.pp=2", "parallel.pp=1")])
+def test_resharded_resume_continues_like_the_uninterrupted_run(prepared, tmp_path, save, load):
+    data, vocab = prepared
+    saved = run_world(2, BASE + [save], data.directory, vocab, tmp_path / "save")
+    resumed = run_world(1, BASE + [load], data.directory, vocab, tmp_path / "load",
+                        resume=tmp_path / "save" / "run" / "checkpoint_000003")
+    assert [r["step"] for r in resumed] == [4.0]
+    assert resumed[0]["lm_loss"] == pytest.approx(saved[-1]["lm_loss"], rel=1e-5)
+
+
+def test_damaged_checkpoints_are_detected_and_the_previous_one_used(tp2_run, tmp_path):
+    _, run_dir = tp2_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    newest, older = copy / "checkpoint_000004", copy / "checkpoint_000003"
+    assert verify(newest) is None and latest_valid(copy) == newest
+
+    shard = max((p for p in newest.rglob("*.distcp")), key=lambda p: p.stat().st_size)
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    warnings: list[str] = []
+    assert "truncated" in verify(newest)
+    assert latest_valid(copy, warn=warnings.append) == older
+    assert any("truncated" in w for w in warnings)
+
+    shard.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
+    assert "corrupted" in verify(newest)
+    (newest / MANIFEST.format(1)).unlink()
+    assert "rank 1 did not finish" in verify(newest)
+    (newest / MANIFEST.format(0)).unlink()
+    assert "not completely written" in verify(newest)
+    assert latest_valid(copy) == older
+
+
+def test_resume_from_a_damaged_checkpoint_is_refused_before_launch(tp2_run, tmp_path):
+    from mor_dist.launch import launch
+
+    _, run_dir = tp2_run
+    broken = tmp_path / "checkpoint_000003"
+    shutil.copytree(run_dir / "checkpoint_000003", broken)
+    (broken / MANIFEST.format(0)).unlink()
+    with pytest.raises(ConfigError, match="--resume-from"):
+        launch(load_config(None, BASE + [f"run.storage_path={tmp_path}"]), resume_from=broken)
+
+
+def test_export_gives_a_single_file_model_with_the_checkpoint_weights(prepared, tp2_run, tmp_path):
+    data, vocab = prepared
+    reports, run_dir = tp2_run
+    out = tmp_path / "model.pt"
+    done = subprocess.run([sys.executable, "jobs/export.py", str(run_dir / "checkpoint_000003"), str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "step 3" in done.stdout
+
+    from mor_dist.train.export import load_exported
+
+    model, cfg = load_exported(out)
+    assert cfg.parallel.tp == 1
+    batches = data.train_iterator(0, 1, 4, 8, cfg.train.seed)
+    step4 = [next(batches) for _ in range(8)][6:]  # the weights after step 3 see step 4's batch
+    with torch.no_grad():
+        losses = [model(b["tokens"], labels=b["labels"]).mean() for b in step4]
+    assert float(torch.stack(losses).mean()) == pytest.approx(reports[-1]["lm_loss"], rel=1e-5)
+
+
+@pytest.mark.ray
+def test_killed_worker_recovers_and_rerun_continues(prepared, tmp_path):
+    """A worker dies after step 5 (checkpoint at 3): Ray restarts the group from step 3 and the run
+    finishes; re-running the same command with more steps continues from the last checkpoint. Every
+    logged loss equals an uninterrupted run's."""
+    data, vocab = prepared
+    common = BASE + ["parallel.tp=2", "train.steps=8", "train.decay_fraction=0", "run.name=recover",
+                     "run.max_failures=1", f"run.storage_path={tmp_path / 'runs'}"]
+    env = {"MOR_DIST_FAULT": f"5:1:{tmp_path / 'killed'}", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "jobs/pretrain.py", *common]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**__import__("os").environ, **env})
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert (tmp_path / "killed").exists()
+    again = subprocess.run(cmd + ["train.steps=10"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from" in again.stdout and "(step 8)" in again.stdout
+
+    logged = {}
+    for line in (tmp_path / "runs" / "recover" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "train/lm_loss" in record:
+            assert record["step"] not in logged  # one value per step despite the replay
+            logged[record["step"]] = record["train/lm_loss"]
+    reference = run_world(1, BASE + ["train.steps=10", "train.decay_fraction=0", "train.checkpoint_interval=-1"],
+                          data.directory, vocab,
+                          tmp_path / "reference")
+    expected = {r["step"]: r["lm_loss"] for r in reference}
+    assert sorted(logged) == list(range(1, 11))
+    for step, loss in logged.items():
+        assert loss == pytest.approx(expected[step], rel=1e-4), step
