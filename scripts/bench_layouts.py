@@ -26,9 +26,9 @@ def main(overrides: list[str]) -> None:
                                  f"run.storage_path={storage}", f"run.name=tp{tp}pp{pp}dp{dp}",
                                  f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", *overrides])
         result = launch(cfg)
-        lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
-        steady = [json.loads(line)["perf/tokens_per_s"] for line in lines[1:]]  # skip the warm-up window
-        rows.append((tp, pp, dp, sum(steady) / len(steady), result.metrics.get("lm_loss")))
+        records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        steady = [r["perf/tokens_per_s"] for r in records[1:]]  # skip the first (warm-up) window
+        rows.append((tp, pp, dp, sum(steady) / len(steady), records[-1]["train/lm_loss"]))
     base = rows[0][3]
     print("| tp | pp | dp | workers | tokens/s | vs (1,1,1) | loss at step 30 |")
     print("|---|---|---|---|---|---|---|")
