@@ -92,9 +92,10 @@ def test_export_gives_a_single_file_model_with_the_checkpoint_weights(prepared, 
     assert done.returncode == 0, done.stderr
     assert "step 3" in done.stdout
 
-    from mor_dist.train.export import load_exported
+    from mor_dist.inference.generation import load_checkpoint
 
-    model, cfg = load_exported(out)
+    model, cfg = load_checkpoint(out)
+    model.eval()
     assert cfg.parallel.tp == 1
     batches = data.train_iterator(0, 1, 4, 8, cfg.train.seed)
     step4 = [next(batches) for _ in range(8)][6:]  # the weights after step 3 see step 4's batch

@@ -1,4 +1,7 @@
-"""Export a dist checkpoint (any layout) to one file that loads without Ray or megatron parallel state."""
+"""Export a dist checkpoint (any layout) to one file that loads without Ray or megatron parallel state.
+
+Load it with `mor_dist.inference.generation.load_checkpoint` (or `jobs/generate.py --checkpoint`).
+"""
 
 from __future__ import annotations
 
@@ -36,17 +39,3 @@ def export(checkpoint: Path, out_file: Path) -> dict[str, Any]:
     out_file.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, out_file)
     return payload
-
-
-def load_exported(path: Path, on_cuda: bool = False):
-    """(model, cfg) from an exported file, in a world of one process."""
-    from mor_dist.model.mor import build_model
-    from mor_dist.parallel.setup import init_model_parallel, init_single_process
-
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = config_from_dict(payload["config"])
-    init_single_process()
-    init_model_parallel(cfg.parallel, cfg.train.seed)
-    model = build_model(cfg, payload["vocab_size"], on_cuda)
-    model.load_state_dict(payload["model"], strict=False)
-    return model.eval(), cfg

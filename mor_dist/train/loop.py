@@ -194,9 +194,13 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
         tracker.finish()
 
 
-def _quiet_report_log() -> None:
-    """Ray 2.60 logs every report at INFO under a logger named by its file path, which the
-    LoggingConfig level does not reach; keep those lines in the log files, off the console."""
+def _quiet_worker_logs() -> None:
+    """Keep megatron's INFO chatter and Ray's per-report lines off the console (the progress line stays).
+
+    Ray 2.60 logs every report at INFO under a logger named by its file path, which the
+    LoggingConfig level does not reach.
+    """
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:
@@ -209,7 +213,7 @@ def ray_worker(payload: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    _quiet_report_log()
+    _quiet_worker_logs()
     cfg = config_from_dict(payload["config"])
     on_cuda = payload["on_cuda"]
     if on_cuda:
