@@ -37,9 +37,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.resume_from is not None and not args.resume_from.is_dir():
             raise ConfigError(f"--resume-from {args.resume_from} is not a checkpoint directory")
-        from mor_dist.launch import launch
+        from mor_dist.launch import RunComplete, launch
 
         result = launch(cfg, args.resume_from)
+    except RunComplete as done:
+        print(done)
+        return 0
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,6 +21,10 @@ WORKER_ENV = {
 }
 
 
+class RunComplete(Exception):
+    """The run's latest checkpoint already reached train.steps: nothing to do."""
+
+
 @dataclass
 class LaunchResult:
     """Where a finished run's outputs are."""
@@ -100,8 +104,9 @@ def launch(cfg: RunConfig, resume_from: Optional[Path] = None) -> LaunchResult:
     if resume_from is not None:
         step = checkpoint_step(resume_from)
         if step >= cfg.train.steps:
-            raise ConfigError(f"run '{cfg.run.name}' is already complete at step {step} ({resume_from}); raise "
-                              f"train.steps to continue it, or choose another run.name")
+            raise RunComplete(f"run '{cfg.run.name}' is already complete at step {step} ({resume_from}); raise "
+                              f"train.steps to continue it (train.steps={2 * step}), or start another with "
+                              f"run.name=NAME")
         print(f"resuming from {resume_from} (step {step})", flush=True)
     prepared = prepare_data(cfg, storage / "cache")  # bad data fails here, before any worker
     vocab = cfg.model.vocab_size or padded_vocab_size(prepared.vocab_size, cfg.parallel.tp)

@@ -54,5 +54,8 @@ def build_optimizer(cfg: RunConfig, chunks: list[DistributedDataParallel], on_cu
         wd_incr_style="constant",
         wsd_decay_steps=decay or None,
         lr_wsd_decay_style="linear" if decay else None,
+        # On resume, the schedule of the current config wins (so raising train.steps trains longer);
+        # only the step count comes from the checkpoint.
+        override_opt_param_scheduler=True,
     )
     return optimizer, scheduler
