@@ -99,7 +99,9 @@ class TrainConfig:
     adam_beta2: float = 0.95
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
-    fp8_recipe: Literal["tensorwise", "blockwise", "delayed"] = "tensorwise"
+    fp8_recipe: Literal["tensorwise", "blockwise", "delayed"] = "tensorwise"  # delayed: model.kind=vanilla only
+    recompute: Literal["none", "selective", "full"] = "none"  # activation recomputation (megatron's granularity)
+    fused_kernels: bool = True  # CUDA + TE: fused RoPE (unrouted models) and TE's fused cross-entropy
     seed: int = 1234
     log_interval: int = 5
     eval_interval: int = 0  # 0: only at the end; -1: never

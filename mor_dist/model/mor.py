@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import zlib
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mor_dist.config import RunConfig
 from mor_dist.model.carry import Carry, pack_expert, pack_token, unpack_expert, unpack_token
 from mor_dist.model.kv_sharing import KVSharingState
-from mor_dist.model.layers import final_norm
+from mor_dist.model.layers import final_norm, fp8_pad_rows, fp8_region, layer_call
 from mor_dist.model.routing import (
     AuxLossAttacher,
     ExpertChoiceRouter,
@@ -148,9 +148,16 @@ class MoRModel(LanguageModule):
     def _run(self, slots: tuple[int, ...], h: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
         if h.shape[0] == 0:  # the causal rule can leave a recursion without tokens
             return h
-        for slot in slots:
-            h, _ = self.layers[self.slot_index[slot]](h, attention_mask=None, rotary_pos_emb=rotary)
-        return h
+        k = h.shape[0]
+        pad = 0 if self.sequence_parallel else fp8_pad_rows(self.config, k, h.shape[1])
+        if pad:  # FP8 GEMMs on a ragged selection: zero rows after every real token (causal: never seen)
+            h, rotary = F.pad(h, (0, 0, 0, 0, 0, pad)), F.pad(rotary, (0, 0, 0, 0, 0, 0, 0, pad))
+            if self.kv_state.mode == "reuse":
+                self.kv_state.query_positions = F.pad(self.kv_state.query_positions, (0, pad))
+        with fp8_region(self.config):
+            for slot in slots:
+                h = layer_call(self.config, self.layers[self.slot_index[slot]], h, rotary)
+        return h[:k]
 
     def shared_block_parameters(self) -> list[torch.nn.Parameter]:
         """Parameters of the layers that every recursion reuses (those on this stage)."""
@@ -295,15 +302,13 @@ class MoRModel(LanguageModule):
 
 def build_model(cfg: RunConfig, vocab_size: int, on_cuda: bool) -> MoRModel:
     """The run's model on this rank (parallel_state must be initialised)."""
-    from mor_dist.model.layers import layer_spec, transformer_config
+    from mor_dist.model.layers import layer_spec, token_multiple, transformer_config
 
     from megatron.core import parallel_state
 
     plan = model_plan(cfg)
     config = transformer_config(cfg, on_cuda, virtual_size(cfg, plan))
-    multiple = math.lcm(16 if cfg.train.precision == "fp8" else 1,
-                        cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
-    model = MoRModel(config, cfg, layer_spec(cfg, on_cuda), vocab_size, on_cuda, multiple,
+    model = MoRModel(config, cfg, layer_spec(cfg, on_cuda), vocab_size, on_cuda, token_multiple(cfg),
                      parallel_state.get_pipeline_model_parallel_rank(),
                      parallel_state.get_pipeline_model_parallel_world_size())
     return model.cuda() if on_cuda else model

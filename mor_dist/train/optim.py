@@ -57,5 +57,6 @@ def build_optimizer(cfg: RunConfig, chunks: list[DistributedDataParallel], on_cu
         # On resume, the schedule of the current config wins (so raising train.steps trains longer);
         # only the step count comes from the checkpoint.
         override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler

@@ -1,0 +1,109 @@
+"""Benchmark rows as markdown, the environment they were measured in, and appending under a docs section."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SECTION = "## Training throughput (`jobs/benchmark.py train`)"
+GPU_MISSING = "No GPU here: CPU figures only; the GPU (H100) figures are missing."
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model measured: throughput, executed-FLOPs rate, MFU, peak memory, ratios to the GPTModel baseline."""
+
+    model: str
+    implementation: str
+    precision: str
+    micro_batch: int
+    seq_length: int
+    tokens_per_s: float
+    tflops: float
+    mfu: float
+    peak_mem_gib: float
+    vs_tokens: Optional[float] = None
+    vs_memory: Optional[float] = None
+
+    def markdown(self) -> str:
+        ratio = lambda x: "n/a" if x is None else f"{x:.2f}x"  # noqa: E731
+        return (f"| {self.model} | {self.implementation} | {self.precision} | {self.micro_batch} x {self.seq_length} "
+                f"| {self.tokens_per_s:,.0f} | {self.tflops:.3g} | {100 * self.mfu:.3g}% | {self.peak_mem_gib:.2f} "
+                f"| {ratio(self.vs_tokens)} | {ratio(self.vs_memory)} |")
+
+
+HEADER = ("| model | implementation | precision | micro-batch x seq | tokens/s | model TFLOP/s | MFU "
+          "| peak memory GiB | tokens/s vs GPTModel | memory vs GPTModel |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _version(dist_name: str) -> str:
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def environment(on_cuda: bool, peak_tflops: Optional[float] = None) -> str:
+    """Device, measured dense peak (when given) and library versions, on one line."""
+    if on_cuda:
+        device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    else:
+        device = f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    parts = [device]
+    if peak_tflops is not None:
+        parts.append(f"measured {'bf16' if on_cuda else 'fp32'} dense matmul peak {peak_tflops:.3g} TFLOP/s")
+    import megatron.core
+
+    parts.append(f"Python {platform.python_version()}, torch {torch.__version__}, megatron-core "
+                 f"{megatron.core.__version__}, transformer-engine {_version('transformer_engine')}")
+    return "; ".join(parts)
+
+
+def block(title: str, env: str, command: str, table: str, notes: list[str]) -> str:
+    """A dated markdown block: title, environment, the exact command, the table, notes."""
+    today = datetime.date.today().isoformat()
+    lines = [f"### {title} ({today})", "", env + ".", "", "```", command, "```", "", table, ""]
+    lines += [note + "\n" for note in notes]
+    return "\n".join(lines)
+
+
+def table(rows: list[Row]) -> str:
+    return "\n".join([HEADER] + [row.markdown() for row in rows])
+
+
+def append_under(path: Path, text: str, section: str = SECTION) -> None:
+    """Insert `text` at the end of `section` (before the next `## ` heading), creating the section if absent."""
+    content = path.read_text() if path.exists() else ""
+    start = content.find(section)
+    if start < 0:
+        path.write_text(content.rstrip("\n") + f"\n\n{section}\n\n{text.rstrip()}\n")
+        return
+    after = content.find("\n## ", start + len(section))
+    end = len(content) if after < 0 else after + 1
+    head, tail = content[:end].rstrip("\n"), content[end:]
+    path.write_text(f"{head}\n\n{text.rstrip()}\n" + (f"\n{tail}" if tail else ""))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Append a block of plain text (e.g. pytest's summary) with this host's environment under the section."""
+    p = argparse.ArgumentParser(prog="python -m mor_dist.bench.report", description=main.__doc__)
+    p.add_argument("doc", type=Path)
+    p.add_argument("title")
+    p.add_argument("command")
+    p.add_argument("body", type=Path, help="file whose text goes into the block")
+    args = p.parse_args(argv)
+    body = "```\n" + args.body.read_text().strip() + "\n```"
+    append_under(args.doc, block(args.title, environment(torch.cuda.is_available()), args.command, body, []))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""`jobs/benchmark.py train`: CPU rows on the tiny config, the GPTModel baseline, docs appending; GPU runs marked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mor_dist.bench import train as bench
+from mor_dist.bench.baseline import vanilla_twin
+from mor_dist.bench.report import SECTION, append_under
+from mor_dist.config import REPO_ROOT, load_config
+from mor_dist.model.flops import forward_flops_per_token
+from mor_dist.parallel.setup import init_single_process, teardown
+
+SMALL = ["--steps", "2", "--warmup", "1", "train.micro_batch_size=2", "model.seq_length=64"]
+
+
+def table_rows(doc: Path) -> list[list[str]]:
+    """Data rows of the markdown tables in `doc`, as cells."""
+    lines = [line for line in doc.read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if not line.startswith("| model |")]
+
+
+def check_sane(cells: list[str]) -> None:
+    tokens_per_s, tflops, mfu = float(cells[4].replace(",", "")), float(cells[5]), float(cells[6].rstrip("%")) / 100
+    assert tokens_per_s > 0 and tflops > 0
+    assert 0 < mfu <= 1
+
+
+def test_train_benchmark_on_cpu_with_and_without_baseline(world, tmp_path, capsys):
+    doc = tmp_path / "benchmarks.md"
+    assert bench.main(SMALL + ["--baseline", "--append", str(doc)]) == 0
+    out = capsys.readouterr().out
+    assert "the GPU (H100) figures are missing" in out and "python jobs/benchmark.py train --steps 2" in out
+    base, mor = table_rows(doc)
+    assert base[1] == "megatron-core GPTModel" and mor[1] == "mor-dist MoRModel"
+    for cells in (base, mor):
+        check_sane(cells)
+    assert mor[8].endswith("x") and mor[9] == "n/a"  # tokens/s ratio; CPU memory ratio is not meaningful
+
+    assert bench.main(SMALL + ["--append", str(doc)]) == 0
+    rows = table_rows(doc)
+    assert len(rows) == 3 and rows[2][1] == "mor-dist MoRModel" and rows[2][8] == "n/a"
+    check_sane(rows[2])
+
+
+def test_fp8_is_refused_on_cpu_by_the_benchmark(world, capsys):
+    assert bench.main(SMALL + ["train.precision=fp8"]) == 2
+    assert "train.precision=fp8 needs CUDA" in capsys.readouterr().err
+
+
+def test_vanilla_twin_keeps_the_shape_and_runs_every_layer():
+    cfg = load_config(REPO_ROOT / "configs" / "mor_360m_nr3.yaml")
+    twin = vanilla_twin(cfg)
+    assert (twin.model.kind, twin.model.num_recursions, twin.model.num_layers) == ("vanilla", 1, 32)
+    assert (twin.model.hidden_size, twin.model.ffn_hidden_size, twin.model.seq_length) == (960, 2560, 2048)
+    assert twin.train.micro_batch_size == cfg.train.micro_batch_size and cfg.model.kind == "mor"
+    assert forward_flops_per_token(twin, 49152).total > forward_flops_per_token(cfg, 49152).total
+
+
+def test_append_under_keeps_the_section_order(tmp_path):
+    doc = tmp_path / "b.md"
+    doc.write_text(f"# B\n\n{SECTION}\n\nintro\n\n## Next\n\nkept\n")
+    append_under(doc, "first")
+    append_under(doc, "second\n")
+    text = doc.read_text()
+    assert text.index("intro") < text.index("first") < text.index("second") < text.index("## Next") < text.index("kept")
+    fresh = tmp_path / "new.md"
+    append_under(fresh, "row")
+    assert fresh.read_text().strip().endswith(f"{SECTION}\n\nrow")
+
+
+def test_benchmark_modules_import_without_ray_mlflow_or_datasets():
+    code = ("import sys, mor_dist.bench.train, mor_dist.bench.fp8_check, mor_dist.bench.corpus; "
+            "print(sorted({'ray', 'mlflow', 'datasets'} & {m.split('.')[0] for m in sys.modules}))")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture
+def cuda_world():
+    """The benchmark's NCCL world of one; the session's gloo world comes back afterwards."""
+    yield
+    teardown()
+    init_single_process()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_train_benchmark_on_gpu(cuda_world, precision, tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    argv = ["--steps", "2", "--warmup", "1", "--baseline", "--append", str(doc), f"train.precision={precision}"]
+    assert bench.main(argv) == 0
+    base, mor = table_rows(doc)
+    for cells in (base, mor):
+        check_sane(cells)
+    assert float(mor[9].rstrip("x")) > 0
