@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine (Python >= 3.11, no GPU needed):
 #   make demo   -- create .venv if missing, then train configs/tiny_mor.yaml through a local Ray cluster
+#                  (2 CPU workers, tensor parallel 2)
 #   make test   -- create .venv if missing, then run the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -18,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) jobs/pretrain.py
+	$(PY) jobs/pretrain.py parallel.tp=2
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
