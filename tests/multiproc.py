@@ -10,6 +10,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def _fresh_store(out_dir: Path) -> str:
+    """A new rendezvous file (a stale one from an earlier run would hang the next rendezvous)."""
+    store = out_dir / "store"
+    store.unlink(missing_ok=True)
+    return str(store)
+
+
 def _init(rank: int, world: int, store: str) -> None:
     """A file rendezvous: no ports to collide with other processes on the machine."""
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -46,7 +53,7 @@ def run_ranks(world: int, fn, args: tuple, out_dir: Path) -> list:
     """fn(*args) on every rank of a gloo world (fn at module level, JSON-able result); results by rank."""
     out_dir.mkdir(parents=True, exist_ok=True)
     out = str(out_dir / "result")
-    mp.start_processes(_call, args=(world, str(out_dir / "store"), fn, args, out), nprocs=world, join=True,
+    mp.start_processes(_call, args=(world, _fresh_store(out_dir), fn, args, out), nprocs=world, join=True,
                        start_method="spawn")
     return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(world)]
 
@@ -56,7 +63,7 @@ def run_world(world: int, overrides: list[str], data_dir: Path, vocab: int, out_
     """Train in `world` processes (checkpoints in out_dir/run); returns rank 0's reports."""
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "reports.json"
-    mp.start_processes(_worker, args=(world, str(out_dir / "store"), overrides, str(data_dir), vocab, str(out),
+    mp.start_processes(_worker, args=(world, _fresh_store(out_dir), overrides, str(data_dir), vocab, str(out),
                                           str(resume) if resume else None),
                        nprocs=world, join=True, start_method="spawn")
     return json.loads(out.read_text())

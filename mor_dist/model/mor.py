@@ -171,6 +171,15 @@ class MoRModel(LanguageModule):
 
     # ------------------------------------------------------------ recursion chunks
 
+    def _block_part(self, vs: VirtualStage, carry: Carry, freqs: torch.Tensor) -> Optional[torch.Tensor]:
+        """This chunk's layers on the in-flight tokens; their full-length output if the recursion ends here."""
+        self._set_kv_mode(vs.recursion, carry.sel)
+        x = self._run(vs.layers, carry.x, gather_rotary(freqs, carry.sel.indices))
+        if not vs.merge:
+            carry.x = x
+            return None
+        return self._full(x)
+
     def _expert_chunk(self, vs: VirtualStage, carry: Carry, freqs: torch.Tensor, causal: bool) -> Carry:
         """Part of one expert-choice recursion: route (stage 0), shared layers, h + w * f(h) (last stage)."""
         r = vs.recursion
@@ -187,14 +196,12 @@ class MoRModel(LanguageModule):
             if r == self.plan.num_recursions - 1:
                 self.token_depths = carry.depths
             carry.sel, carry.x = sel, self._shard(gather_tokens(carry.h, sel.indices))
-        sel = carry.sel
-        self._set_kv_mode(r, sel)
-        x = self._run(vs.layers, carry.x, gather_rotary(freqs, sel.indices))
-        if not vs.merge:
-            carry.x = x
+        out = self._block_part(vs, carry, freqs)
+        if out is None:
             return carry
+        sel = carry.sel
         gate = sel.gate if sel.valid is None else sel.gate * sel.valid.t().unsqueeze(-1).to(sel.gate.dtype)
-        carry.h = scatter_add_tokens(carry.h, sel.indices, gate * self._full(x))  # h + w * f(h), selected only
+        carry.h = scatter_add_tokens(carry.h, sel.indices, gate * out)  # h + w * f(h), selected only
         carry.prev, carry.sel, carry.x = sel, None, None
         return carry
 
@@ -212,13 +219,11 @@ class MoRModel(LanguageModule):
         if vs.route:
             idx, valid = ragged_indices(carry.depth >= r + 1)
             carry.sel, carry.x = Selection(idx, None, valid), self._shard(gather_tokens(carry.state, idx))
-        sel = carry.sel
-        self._set_kv_mode(r, sel)
-        x = self._run(vs.layers, carry.x, gather_rotary(freqs, sel.indices))
-        if not vs.merge:
-            carry.x = x
+        out = self._block_part(vs, carry, freqs)
+        if out is None:
             return carry
-        delta = (self._full(x) - gather_tokens(carry.state, sel.indices)) * sel.valid.t().unsqueeze(-1).to(x.dtype)
+        sel = carry.sel
+        delta = (out - gather_tokens(carry.state, sel.indices)) * sel.valid.t().unsqueeze(-1).to(out.dtype)
         carry.state = scatter_add_tokens(carry.state, sel.indices, delta)
         carry.sel = carry.x = None
         if r == self.plan.num_recursions - 1:
