@@ -58,6 +58,8 @@ def check_fits(cfg: RunConfig, on_cuda: bool) -> None:
     """tp*pp*dp workers must fit the cluster before anything starts."""
     import ray
 
+    from mor_dist.model.layers import check_options
+
     resources = ray.cluster_resources()
     need = cfg.world_size
     kind = "GPU" if on_cuda else "CPU"
@@ -66,8 +68,8 @@ def check_fits(cfg: RunConfig, on_cuda: bool) -> None:
         raise ConfigError(
             f"parallel.tp*pp*dp = {cfg.parallel.tp}*{cfg.parallel.pp}*{cfg.parallel.dp} = {need} workers, but the Ray "
             f"cluster has {have} {kind}s; lower parallel.dp/tp/pp or add nodes")
-    if not on_cuda and cfg.train.precision != "fp32":
-        raise ConfigError(f"train.precision={cfg.train.precision} needs GPUs; use train.precision=fp32 on CPU")
+    if not on_cuda:  # GPU-only options on a CPU cluster; GPU checks need the workers' devices
+        check_options(cfg, on_cuda=False)
 
 
 def connect_ray(workers: int) -> None:
