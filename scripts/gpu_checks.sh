@@ -4,7 +4,7 @@
 # `install` phase puts megatron-core 0.19.2 and TE 2.20.2 into /tmp/site (scripts/gpu_wheels.sh
 # describes how the wheels and the shipped corpus get there).
 #
-#   scripts/gpu_checks.sh [phase ...]        default: all phases, in this order
+#   scripts/gpu_checks.sh [phase ...]        default: all phases, in the order of the list at the end
 #     install          wheels into /tmp/site (once)
 #     tests            pytest -m gpu on every test file with GPU tests (FP8 recipes, TE loop, tiny FP8 training)
 #     curves           FP8 vs bf16 loss curves, 200 steps on the shipped corpus: tiny and 360M MoR-3 (within 2%)
@@ -12,6 +12,8 @@
 #     bench-360m-fp8   the same in FP8 (MoR: tensorwise; vanilla and GPTModel also with delayed scaling)
 #     bench-1p7b-bf16  the 1.7B shape (micro-batch 8)
 #     bench-1p7b-fp8
+#     inference        the paper's protocol at the 360M shapes (1,000 requests, mean length 256), bf16:
+#                      MoR-4, MoR-3, MoR-2 against vanilla of the same depth, one command (and table) each
 # Each phase stays under 10 minutes on one H100. With $OUT set (the device tool), docs/benchmarks.md
 # and the logs are copied there after every phase.
 set -uo pipefail
@@ -61,12 +63,20 @@ phase() {
     bench-360m-fp8) bench 360m fp8 ;;
     bench-1p7b-bf16) bench 1p7b bf16 ;;
     bench-1p7b-fp8) bench 1p7b fp8 ;;
+    inference)
+      local n
+      for n in 4 3 2; do
+        run "inference-nr$n" "$PY" jobs/benchmark.py inference --preset 360m --requests 1000 --mean-len 256 \
+          --recursions "$n" --repeats 1 --append "$DOC"
+      done ;;
     *) echo "unknown phase $1" >&2; return 2 ;;
   esac
 }
 
 phases=("$@")
-[ ${#phases[@]} -gt 0 ] || phases=(install tests curves bench-360m-bf16 bench-360m-fp8 bench-1p7b-bf16 bench-1p7b-fp8)
+# Most telling first: a device session is short, and whatever ran is already in docs/benchmarks.md.
+[ ${#phases[@]} -gt 0 ] || phases=(install tests bench-360m-bf16 inference curves bench-360m-fp8 bench-1p7b-bf16
+                                   bench-1p7b-fp8)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 for p in "${phases[@]}"; do
   phase "$p"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from mor_dist.inference import bench
 from mor_dist.inference.bench import max_batch
 from mor_dist.inference.engine import Engine
 from mor_dist.inference.generation import generate, load_checkpoint
@@ -158,3 +161,20 @@ def test_max_batch_scales_with_the_memory_mor_saves():
     gib = 2**30
     assert max_batch(32, 80 * gib, (1 * gib, 2.0), (1 * gib, 3.0)) == 48
     assert max_batch(32, 80 * gib, (1 * gib, 3.0), (1 * gib, 3.0)) == 32
+
+
+def test_inference_benchmark_measures_mor_against_vanilla_and_appends(world, tmp_path, capsys):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## Inference (`jobs/benchmark.py inference`)\n\nintro\n\n## Later\n")
+    out = tmp_path / "rows.json"
+    argv = ["--preset", "tiny", "--requests", "12", "--mean-len", "6", "--recursions", "2", "--repeats", "1",
+            "--warmup-requests", "2", "--batch", "4", "--append", str(doc), "--json", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["setting"]) for r in rows] == [("MoR-2", "fixed"), ("MoR-2", "max")]
+    assert all(r["tokens_per_s"] > 0 and r["vanilla"] == "vanilla-32" for r in rows)
+    assert rows[1]["batch"] > rows[0]["batch"] == 4  # MoR's smaller cache fits more sequences
+    assert 1.0 <= rows[0]["mean_depth"] <= 2.0 and rows[0]["kv_ratio"] < 1.0
+    text = doc.read_text()
+    assert text.index("| MoR-2 | vanilla-32 | fixed 4 |") < text.index("## Later")
+    assert "jobs/benchmark.py inference --preset tiny" in text and "GPU (H100) figures are missing" in text

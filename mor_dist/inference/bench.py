@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import sys
 import warnings
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mor_dist.bench.report import GPU_MISSING, append_under, block, environment
 from mor_dist.config import REPO_ROOT, RunConfig, load_config
 from mor_dist.inference.engine import Engine
 from mor_dist.inference.generation import build_single
@@ -29,6 +31,7 @@ from mor_dist.inference.sampling import Sampler
 from mor_dist.inference.scheduler import Request, RunStats, Scheduler
 from mor_dist.model.mor import MoRModel
 
+SECTION = "## Inference (`jobs/benchmark.py inference`)"
 TINY = ["model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
         "model.ffn_hidden_size=192", "train.precision=fp32"]
 
@@ -53,6 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None if gpu else 1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--append", type=Path, default=None, help="append the results under the inference section here")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every model, e.g. train.precision=fp32")
     return p.parse_intermixed_args(argv)
 
@@ -200,13 +204,20 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = run(args)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"# {device}, {args.requests} requests, mean length {args.mean_len}, preset {args.preset}, "
-          f"medians of {args.repeats}")
-    print(table(rows))
+    on_cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if on_cuda else "CPU"
+    title = (f"Inference, {device}, preset {args.preset}: {args.requests} requests, mean length {args.mean_len}, "
+             f"median of {args.repeats}")
+    notes = [] if on_cuda else [GPU_MISSING]
+    command = "python jobs/benchmark.py inference " + " ".join(shlex.quote(a) for a in argv)
+    text = block(title, environment(on_cuda), command, table(rows), notes)
+    print(text)
     if args.json is not None:
         args.json.write_text(json.dumps({"device": device, "args": {k: str(v) for k, v in vars(args).items()},
                                          "rows": rows}, indent=2))
+    if args.append is not None:
+        append_under(args.append, text, SECTION)
+        print(f"appended to {args.append}")
     return 0
 
 
