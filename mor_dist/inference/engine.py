@@ -8,12 +8,11 @@ then the suffix and head once a token exits.
 
 from __future__ import annotations
 
-import itertools
 from typing import Optional
 
 import torch
 
-from mor_dist.inference.layer_step import Span, layer_step
+from mor_dist.inference.layer_step import layer_step
 from mor_dist.inference.rules import make_rule
 from mor_dist.inference.tokens import Tokens, concat
 from mor_dist.model.kv_cache import CacheGroup, CacheLayout, KVCache
@@ -60,14 +59,14 @@ class Engine:
         """Run unrouted layers (one table for all of them) on every token."""
         if not slots:
             return x
-        table = self.cache.tables[name]
-        ok, slot_ids = table.admit(rows, pos)
-        if not bool(ok.all()):
+        pool = self.cache.pools[name]
+        _, flat, every = pool.admit(rows, pos)
+        if not every:
             raise ValueError(f"a sequence outgrew the cache (max_len={self.max_len})")
-        spans: list[Span] = [(slice(None), CacheGroup(table, rows, pos, slot_ids))]
+        group = CacheGroup(pool, rows, pos, flat)
         freqs = self.freqs[pos]
         for site, slot in enumerate(slots):
-            x = layer_step(self._layer(slot), x, freqs, spans, site)
+            x = layer_step(self._layer(slot), x, freqs, group, site)
         return x
 
     @torch.inference_mode()
@@ -83,41 +82,34 @@ class Engine:
 
     @torch.inference_mode()
     def block_pass(self, toks: Tokens) -> tuple[Tokens, Optional[Tokens]]:
-        """One pass of the shared block, each token at its own depth; (tokens that continue, tokens done)."""
-        toks = toks.take(torch.argsort(toks.depth * self.rows + toks.rows, stable=True))  # by depth, then row
-        writes = [self.cache.depth_table(r) for r in range(self.n)]
-        ok = torch.ones_like(toks.rows, dtype=torch.bool)
-        slots = torch.zeros_like(toks.rows)
-        for r, (start, end) in enumerate(self._depth_spans(toks)):
-            table, write = writes[r]
-            if write and end > start:
-                ok[start:end], slots[start:end] = table.admit(toks.rows[start:end], toks.pos[start:end])
+        """One pass of the shared block, each token at its own depth; (tokens that continue, tokens done).
+
+        Every token attends once per layer, to its depth's table in the block pool, whatever the mix of depths.
+        """
+        pool = self.cache.pools["block"]
+        table, writers = self.cache.depth_table(toks.depth)
+        seqs = table * self.rows + toks.rows
+        order = torch.argsort(seqs, stable=True)  # sequences ascending: one query per sequence needs no packing
+        toks, seqs = toks.take(order), seqs[order]
+        writers = None if writers is None else writers[order]
+        ok, flat, every = (pool.admit(seqs, toks.pos) if writers is None
+                           else pool.admit(seqs[writers], toks.pos[writers]))
         refused = None
-        if not bool(ok.all()):  # the row's depth table is full: the token stops before this recursion
-            refused, toks, slots = toks.take(~ok), toks.take(ok), slots[ok]
+        if not every:  # the row's depth table is full: the token stops before this recursion
+            keep = ok if writers is None else torch.ones_like(writers).masked_scatter(writers, ok)
+            refused, toks, seqs = toks.take(~keep), toks.take(keep), seqs[keep]
+            writers = None if writers is None else writers[keep]
             if not len(toks):
                 return toks, refused
-        spans: list[Span] = []
-        for r, (start, end) in enumerate(self._depth_spans(toks)):
-            if end > start:
-                table, write = writes[r]
-                group = CacheGroup(table, toks.rows[start:end], toks.pos[start:end],
-                                   slots[start:end] if write else None)
-                spans.append((slice(start, end), group))
+        group = CacheGroup(pool, seqs, toks.pos, flat, writers)
         x = self.rule.block_input(toks)[:, None]
         freqs = self.freqs[toks.pos]
         for site, slot in enumerate(self.block):
-            x = layer_step(self._layer(slot), x, freqs, spans, site)
+            x = layer_step(self._layer(slot), x, freqs, group, site)
         self.rule.update(toks, x[:, 0])
         toks.depth = toks.depth + 1
         go = self.rule.advance(toks)
         return toks.take(go), concat([toks.take(~go), refused])
-
-    def _depth_spans(self, toks: Tokens) -> list[tuple[int, int]]:
-        """[start, end) of each depth in a batch sorted by depth."""
-        counts = torch.bincount(toks.depth, minlength=self.n).tolist()
-        ends = list(itertools.accumulate(counts))
-        return [(end - c, end) for c, end in zip(counts, ends)]
 
     @torch.inference_mode()
     def exit(self, toks: Tokens, head: bool = True) -> Optional[torch.Tensor]:

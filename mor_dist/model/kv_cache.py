@@ -1,12 +1,15 @@
 """Recursion-wise KV cache for generation: preallocated K/V per layer and depth, per-row lengths, original positions.
 
 A table holds one set of cached tokens: the prefix layers', the suffix layers', or one recursion depth
-of the shared block (only the tokens active at that depth). Its keys and values are
-[layers, rows, capacity, groups, head_dim], allocated once and written in place; capacity is
-ceil(fraction * max_len), the fraction being c_r for depth r when sized by capacity, so the allocation
-itself is the memory a sequence costs. Keys are stored after RoPE at the token's original position, and
-each slot keeps that position, so attention masks compare positions, never slot order.
-Recursive KV sharing keeps only depth 1's table: deeper recursions read it and write nothing.
+of the shared block (only the tokens active at that depth), `rows` sequences of `capacity` slots each;
+capacity is ceil(fraction * max_len), the fraction being c_r for depth r when sized by capacity, so the
+allocation itself is the memory a sequence costs. Tables of the same layers share one pool: K/V
+[layers, slots, groups, head_dim] allocated once and written in place, the tables laid end to end, so
+one gather reads the keys of tokens at different depths and a layer attends once per step whatever the
+mix of depths. Keys are stored after RoPE at the token's original position, and each slot keeps that
+position, so attention masks compare positions, never slot order. A (table, row) pair is a "sequence"
+of the pool: seq = table * rows + row. Recursive KV sharing keeps only depth 1's table: deeper
+recursions read it and write nothing.
 """
 
 from __future__ import annotations
@@ -29,88 +32,144 @@ def row_rank(rows: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-class KVTable:
-    """One cached token set: K/V of each layer that caches it, slot positions and per-row lengths."""
+class KVPool:
+    """K/V of a stack of layers for several tables of `rows` sequences each, laid end to end in one allocation."""
 
-    def __init__(self, name: str, num_layers: int, rows: int, capacity: int, groups: int, head_dim: int,
+    def __init__(self, num_layers: int, rows: int, capacities: list[int], groups: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        self.name, self.rows, self.capacity, self.num_layers = name, rows, capacity, num_layers
-        shape = (num_layers, rows, capacity, groups, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.positions = torch.zeros(rows, capacity, dtype=torch.int32, device=device)
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.rows, self.capacities, self.num_layers = rows, capacities, num_layers
+        slots = rows * sum(capacities)
+        self.keys = torch.zeros((num_layers, slots, groups, head_dim), dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.positions = torch.zeros(slots, dtype=torch.int32, device=device)
+        self.lengths = torch.zeros(len(capacities) * rows, dtype=torch.long, device=device)  # per seq
+        cap = torch.tensor(capacities, device=device)
+        self.capacity = cap.repeat_interleave(rows)  # per seq
+        table_start = torch.cumsum(rows * cap, 0) - rows * cap
+        self.start = table_start.repeat_interleave(rows) + torch.arange(rows, device=device).repeat(
+            len(capacities)) * self.capacity  # first slot of each seq
 
-    def admit(self, rows: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reserve a slot for each token while its row has room: (admitted mask, slots)."""
-        slots = self.lengths[rows] + row_rank(rows)
-        ok = slots < self.capacity
-        self.positions[rows[ok], slots[ok]] = positions[ok].to(torch.int32)
-        self.lengths.index_add_(0, rows[ok], torch.ones_like(rows[ok]))
-        return ok, slots
+    def admit(self, seqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Reserve a slot for each token while its sequence has room: (admitted mask, flat slots, all admitted)."""
+        slots = self.lengths[seqs] + row_rank(seqs)
+        ok = slots < self.capacity[seqs]
+        flat = self.start[seqs] + slots
+        every = bool(ok.all())
+        if not every:
+            seqs, flat, positions = seqs[ok], flat[ok], positions[ok]
+        self.positions[flat] = positions.to(torch.int32)
+        self.lengths.index_add_(0, seqs, torch.ones_like(seqs))
+        return ok, flat, every
 
     def reset(self, rows: torch.Tensor) -> None:
-        """Empty these rows (a new sequence takes them)."""
-        self.lengths[rows] = 0
+        """Empty these rows in every table (a new sequence takes them)."""
+        self.lengths.view(len(self.capacities), self.rows)[:, rows] = 0
 
     @property
     def slot_bytes(self) -> int:
-        """K/V bytes one cached token costs in this table (all its layers)."""
+        """K/V bytes one cached token costs (all the pool's layers)."""
         k = self.keys
         return 2 * self.num_layers * k.shape[-2] * k.shape[-1] * k.element_size()
 
     @property
     def nbytes(self) -> int:
-        """K/V bytes allocated."""
         return self.keys.nbytes + self.values.nbytes
 
+
+@dataclass(frozen=True)
+class KVTable:
+    """One table of a pool: its index there, slots per row, and its rows' lengths (a view)."""
+
+    pool: KVPool
+    index: int
+
+    @property
+    def capacity(self) -> int:
+        return self.pool.capacities[self.index]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        rows = self.pool.rows
+        return self.pool.lengths[self.index * rows:(self.index + 1) * rows]
+
+    def seqs(self, rows: torch.Tensor) -> torch.Tensor:
+        """The pool's sequence ids of these rows of this table."""
+        return rows + self.index * self.pool.rows
+
+    @property
+    def nbytes(self) -> int:
+        return self.pool.rows * self.capacity * self.pool.slot_bytes
+
     def used_bytes(self) -> int:
-        """K/V bytes holding tokens now."""
-        return int(self.lengths.sum()) * self.slot_bytes
+        return int(self.lengths.sum()) * self.pool.slot_bytes
 
 
 class CacheGroup:
-    """Queries of one step against one table: their write slots, rows packed [R, t], and the key mask."""
+    """Queries of one step against one pool: write slots, queries packed [R, t] by sequence, and the key mask.
 
-    def __init__(self, table: KVTable, rows: torch.Tensor, positions: torch.Tensor,
-                 slots: Optional[torch.Tensor]) -> None:
-        self.table, self.rows, self.slots = table, rows, slots
-        self.urows, self.inverse = torch.unique(rows, return_inverse=True)
-        self.rank = row_rank(rows)
-        t = int(self.rank.max()) + 1
-        lengths = table.lengths[self.urows]
-        self.kmax = int(lengths.max())
-        qpos = torch.full((len(self.urows), t), NO_POSITION, dtype=torch.int32, device=rows.device)
+    `seqs` are the sequences the queries read; `writers` (None: all) select the queries whose K/V are
+    stored, at `slots` (flat, one per writer).
+    """
+
+    def __init__(self, pool: KVPool, seqs: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                 writers: Optional[torch.Tensor] = None) -> None:
+        self.pool, self.slots, self.writers = pool, slots, writers
+        self.useqs, self.inverse = torch.unique(seqs, return_inverse=True)
+        self.rank = row_rank(seqs)
+        lengths = pool.lengths[self.useqs]
+        ascending = (seqs[1:] > seqs[:-1]).all() if len(seqs) > 1 else torch.ones((), dtype=torch.bool)
+        # One host sync for every size the step needs.
+        kmax, t, first, last, ascending = torch.stack([
+            lengths.max(), self.rank.max() + 1, self.useqs[0], self.useqs[-1], ascending.long()]).tolist()
+        self.kmax = kmax
+        rows = pool.rows
+        # Every row of one table, in order: read that table's slots as a view, without a gather.
+        self.table = first // rows if len(self.useqs) == rows and first // rows == last // rows else None
+        self.in_order = t == 1 and bool(ascending)  # one query per sequence, sequences ascending
+        if self.table is not None:
+            self.index = None
+            keypos = self._table_view(pool.positions[None])[0]
+        else:
+            self.index = (pool.start[self.useqs, None] + torch.arange(kmax, device=seqs.device)).clamp_(
+                max=pool.positions.shape[0] - 1)  # beyond a sequence's slots: masked by `valid`
+            keypos = pool.positions[self.index]
+        qpos = torch.full((len(self.useqs), t), NO_POSITION, dtype=torch.int32, device=seqs.device)
         qpos[self.inverse, self.rank] = positions.to(torch.int32)
-        keypos = table.positions[self.urows, :self.kmax]
-        valid = torch.arange(self.kmax, device=rows.device) < lengths[:, None]
+        valid = torch.arange(kmax, device=seqs.device) < lengths[:, None]
         self.mask = (valid[:, None, :] & (keypos[:, None, :] <= qpos[:, :, None])).unsqueeze(1)  # [R, 1, t, k]
-        self.whole = len(self.urows) == table.rows  # every row: read the cache without a gather
-        self.in_order = t == 1 and bool((rows[1:] > rows[:-1]).all())  # one query per row, rows ascending
+
+    def _table_view(self, x: torch.Tensor) -> torch.Tensor:
+        """[layers, slots, ...] -> this group's table as [layers, rows, kmax, ...] (a view)."""
+        pool, i = self.pool, self.table
+        begin = pool.rows * sum(pool.capacities[:i])
+        cap = pool.capacities[i]
+        table = x[:, begin:begin + pool.rows * cap]
+        return table.view(x.shape[0], pool.rows, cap, *x.shape[2:])[:, :, :self.kmax]
 
     def write(self, site: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store the queries' own K/V [m, groups, head_dim] in layer `site` (no-op for a read-only group)."""
-        if self.slots is not None:
-            self.table.keys[site][self.rows, self.slots] = key
-            self.table.values[site][self.rows, self.slots] = value
+        """Store the writers' own K/V [m, groups, head_dim] in layer `site`."""
+        if self.writers is not None:
+            key, value = key[self.writers], value[self.writers]
+        self.pool.keys[site][self.slots] = key
+        self.pool.values[site][self.slots] = value
 
     def read(self, site: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [R, kmax, groups, head_dim] of the packed rows."""
-        keys, values = self.table.keys[site], self.table.values[site]
-        if self.whole:
-            return keys[:, :self.kmax], values[:, :self.kmax]
-        return keys[self.urows, :self.kmax], values[self.urows, :self.kmax]
+        """Keys and values [R, kmax, groups, head_dim] of the packed sequences."""
+        keys, values = self.pool.keys[site], self.pool.values[site]
+        if self.index is None:
+            return self._table_view(keys[None])[0], self._table_view(values[None])[0]
+        return keys[self.index], values[self.index]
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-query [m, ...] -> per-row [R, t, ...] (padding zero)."""
+        """Per-query [m, ...] -> per-sequence [R, t, ...] (padding zero)."""
         if self.in_order:
             return x[:, None]
-        out = x.new_zeros((len(self.urows), self.mask.shape[2]) + tuple(x.shape[1:]))
+        out = x.new_zeros((len(self.useqs), self.mask.shape[2]) + tuple(x.shape[1:]))
         out[self.inverse, self.rank] = x
         return out
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-row [R, t, ...] -> per-query [m, ...]."""
+        """Per-sequence [R, t, ...] -> per-query [m, ...]."""
         return x[:, 0] if self.in_order else x[self.inverse, self.rank]
 
 
@@ -127,41 +186,46 @@ class CacheLayout:
 
 
 class KVCache:
-    """All tables of one model for `rows` sequences of up to `max_len` tokens."""
+    """All pools and tables of one model for `rows` sequences of up to `max_len` tokens."""
 
     def __init__(self, layout: CacheLayout, rows: int, max_len: int, groups: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.layout, self.rows, self.max_len = layout, rows, max_len
 
-        def table(name: str, layers: int, fraction: float = 1.0) -> KVTable:
-            capacity = max(1, math.ceil(fraction * max_len - 1e-9))
-            return KVTable(name, layers, rows, capacity, groups, head_dim, dtype, device)
+        def pool(layers: int, fractions: tuple[float, ...]) -> KVPool:
+            capacities = [max(1, math.ceil(f * max_len - 1e-9)) for f in fractions]
+            return KVPool(layers, rows, capacities, groups, head_dim, dtype, device)
 
+        self.pools: dict[str, KVPool] = {}
         self.tables: dict[str, KVTable] = {}
         if layout.prefix_layers:
-            self.tables["prefix"] = table("prefix", layout.prefix_layers)
-        depths = 1 if layout.kv_sharing else layout.num_recursions
+            self.pools["prefix"] = pool(layout.prefix_layers, (1.0,))
+            self.tables["prefix"] = KVTable(self.pools["prefix"], 0)
         if layout.block_layers:
+            depths = 1 if layout.kv_sharing else layout.num_recursions
+            self.pools["block"] = pool(layout.block_layers, layout.fractions[:depths])
             for r in range(depths):
-                self.tables[f"depth{r + 1}"] = table(f"depth{r + 1}", layout.block_layers, layout.fractions[r])
+                self.tables[f"depth{r + 1}"] = KVTable(self.pools["block"], r)
         if layout.suffix_layers:
-            self.tables["suffix"] = table("suffix", layout.suffix_layers)
+            self.pools["suffix"] = pool(layout.suffix_layers, (1.0,))
+            self.tables["suffix"] = KVTable(self.pools["suffix"], 0)
 
-    def depth_table(self, r: int) -> tuple[KVTable, bool]:
-        """The table recursion r (0-based) attends to, and whether it writes there."""
+    def depth_table(self, depth: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Per token at recursion `depth` (0-based): its table in the block pool, and which tokens write there
+        (None: all)."""
         if self.layout.kv_sharing:
-            return self.tables["depth1"], r == 0
-        return self.tables[f"depth{r + 1}"], True
+            return torch.zeros_like(depth), depth == 0
+        return depth, None
 
     def reset(self, rows: torch.Tensor) -> None:
         """Empty these rows in every table."""
-        for table in self.tables.values():
-            table.reset(rows)
+        for pool in self.pools.values():
+            pool.reset(rows)
 
     @property
     def nbytes(self) -> int:
-        """K/V bytes allocated in all tables."""
-        return sum(t.nbytes for t in self.tables.values())
+        """K/V bytes allocated in all pools."""
+        return sum(p.nbytes for p in self.pools.values())
 
     def report(self) -> dict[str, float]:
         """Allocation from the tables themselves: per sequence, per token of max_len, and per table."""
