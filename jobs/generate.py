@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from mor_dist.cli import non_negative_float, non_negative_int, positive_int  # noqa: E402
 from mor_dist.config import ConfigError, load_config  # noqa: E402
 
 
@@ -22,9 +23,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="an exported single-file checkpoint (jobs/export.py); its config is used")
     parser.add_argument("--config", type=Path, default=None, help="YAML config of a fresh model (default: tiny)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k likeliest (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-text token")
     parser.add_argument("--cuda", action="store_true", help="run on the GPU")

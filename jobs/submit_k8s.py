@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from mor_dist import k8s
+from mor_dist.cli import positive_float
 from mor_dist.config import ConfigError
 
 
@@ -23,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--namespace", help="namespace of the MLflow server and checkpoint volume (default: kubeconfig's)")
     parser.add_argument("--name", help="RayJob name (default: the overlay's, mor-pretrain)")
     parser.add_argument("--dry-run", action="store_true", help="print the RayJob YAML and exit")
-    parser.add_argument("--poll-seconds", type=float, default=10.0, help="status polling interval")
+    parser.add_argument("--poll-seconds", type=positive_float, default=10.0, help="status polling interval")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=100")
     return parser.parse_args(argv)
 

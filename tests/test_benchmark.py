@@ -101,3 +101,21 @@ def test_train_benchmark_on_gpu(cuda_world, precision, tmp_path):
     for cells in (base, mor):
         check_sane(cells)
     assert float(mor[9].rstrip("x")) > 0
+
+
+@pytest.mark.parametrize("mode,argv,flag", [
+    ("train", ["--steps", "0"], "--steps"),
+    ("train", ["--micro-batches", "-1"], "--micro-batches"),
+    ("inference", ["--batch", "0"], "--batch"),
+    ("inference", ["--recursions", "5"], "--recursions"),
+    ("inference", ["--requests", "x"], "--requests"),
+    ("inference", ["--memory-gib", "0"], "--memory-gib"),
+])
+def test_benchmark_refuses_impossible_numbers_naming_the_flag(mode, argv, flag, capsys):
+    from mor_dist.inference import bench as inference_bench
+
+    parse = bench.parse_args if mode == "train" else inference_bench.parse_args
+    with pytest.raises(SystemExit) as exit_info:
+        parse(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err

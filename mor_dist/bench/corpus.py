@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mor_dist.cli import positive_int
 from mor_dist.config import REPO_ROOT, load_config
 
 
@@ -60,7 +61,7 @@ def load(seq_length: int) -> tuple[np.ndarray, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mor_dist.bench.corpus", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq", type=int, nargs="+", default=[128, 2048], help="sequence lengths to pack for")
+    p.add_argument("--seq", type=positive_int, nargs="+", default=[128, 2048], help="sequence lengths to pack for")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: MOR_CORPUS_DIR or gpu_wheels/corpus)")
     args = p.parse_args(argv)

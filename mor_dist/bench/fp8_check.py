@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from mor_dist.cli import positive_float, positive_int
 from mor_dist.bench import corpus
 from mor_dist.bench.harness import Trainable, corpus_batches, init_world
 from mor_dist.bench.report import append_under, block, environment
@@ -111,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mor_dist.bench.fp8_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, action="append", default=None, help="run config, repeatable")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--micro-batch", type=int, default=4, help="sequences per step (one micro-batch)")
-    p.add_argument("--tolerance", type=float, default=0.02, help="largest relative gap allowed")
+    p.add_argument("--steps", type=positive_int, default=200)
+    p.add_argument("--micro-batch", type=positive_int, default=4, help="sequences per step (one micro-batch)")
+    p.add_argument("--tolerance", type=positive_float, default=0.02, help="largest relative gap allowed")
     p.add_argument("--append", type=Path, default=None, help="append the results under the training section here")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.fp8_recipe=blockwise")
     args = p.parse_args(argv)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from mor_dist.cli import non_negative_int, positive_int
 from mor_dist.bench.baseline import build_baseline, vanilla_twin
 from mor_dist.bench.harness import Trainable, init_world, reset_memory, synthetic_batches, timed_steps
 from mor_dist.bench.report import GPU_MISSING, Row, append_under, block, environment, table
@@ -37,14 +38,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, action="append", default=None,
                    help=f"run config, repeatable (default {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
-    p.add_argument("--steps", type=int, default=10 if gpu else 3, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=3 if gpu else 1, help="untimed steps first")
-    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step (gradient accumulation)")
-    p.add_argument("--vocab", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=10 if gpu else 3, help="timed optimizer steps")
+    p.add_argument("--warmup", type=non_negative_int, default=3 if gpu else 1, help="untimed steps first")
+    p.add_argument("--micro-batches", type=positive_int, default=1, help="micro-batches per step (gradient accumulation)")
+    p.add_argument("--vocab", type=positive_int, default=None,
                    help="vocabulary (default: model.vocab_size, else 49152 (SmolLM) on GPU, 512 on CPU)")
     p.add_argument("--baseline", action="store_true", help="also megatron-core's GPTModel at each shape, with ratios")
     p.add_argument("--append", type=Path, default=None, help="append the results under the training section here")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every config, e.g. train.precision=fp8")
     return p.parse_args(argv)
 

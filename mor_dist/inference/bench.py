@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mor_dist.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from mor_dist.bench.report import GPU_MISSING, append_under, block, environment
 from mor_dist.config import REPO_ROOT, RunConfig, load_config
 from mor_dist.inference.engine import Engine
@@ -42,18 +43,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["tiny", "360m"], default="360m" if gpu else "tiny",
                    help="360m: configs/mor_360m_nr{N}.yaml vs vanilla_360m.yaml; tiny: the same depths at h=64")
-    p.add_argument("--requests", type=int, default=1000 if gpu else 256, help="requests in the queue")
-    p.add_argument("--mean-len", type=int, default=256 if gpu else 32, help="mean generated tokens per request")
-    p.add_argument("--std-frac", type=float, default=0.25, help="length standard deviation / mean")
-    p.add_argument("--batch", type=int, default=32, help="the fixed batch (concurrent sequences)")
-    p.add_argument("--recursions", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--requests", type=positive_int, default=1000 if gpu else 256, help="requests in the queue")
+    p.add_argument("--mean-len", type=positive_int, default=256 if gpu else 32, help="mean generated tokens per request")
+    p.add_argument("--std-frac", type=non_negative_float, default=0.25, help="length standard deviation / mean")
+    p.add_argument("--batch", type=positive_int, default=32, help="the fixed batch (concurrent sequences)")
+    p.add_argument("--recursions", type=int, choices=[2, 3, 4], nargs="+", default=[2, 3, 4])
     p.add_argument("--no-max-batch", action="store_true", help="skip the max-batch setting")
-    p.add_argument("--memory-gib", type=float, default=80.0, help="device memory the max batch is sized for")
+    p.add_argument("--memory-gib", type=positive_float, default=80.0, help="device memory the max batch is sized for")
     p.add_argument("--kv-sharing", action="store_true", help="MoR with recursive KV sharing")
-    p.add_argument("--vocab", type=int, default=None, help="vocabulary (default: 49152 for 360m, 512 for tiny)")
-    p.add_argument("--warmup-requests", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds, models interleaved; medians")
-    p.add_argument("--threads", type=int, default=None if gpu else 1, help="torch CPU threads")
+    p.add_argument("--vocab", type=positive_int, default=None, help="vocabulary (default: 49152 for 360m, 512 for tiny)")
+    p.add_argument("--warmup-requests", type=non_negative_int, default=8)
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed rounds, models interleaved; medians")
+    p.add_argument("--threads", type=positive_int, default=None if gpu else 1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--append", type=Path, default=None, help="append the results under the inference section here")
