@@ -20,19 +20,21 @@ class ExpertRule:
     def __init__(self, router: ExpertChoiceRouter, num_recursions: int,
                  thresholds: Optional[list[float]] = None) -> None:
         self.router, self.n = router, num_recursions
-        self.thresholds = list(thresholds) if thresholds is not None else [router.routing.threshold] * num_recursions
         self.trace: Optional[dict[int, list[torch.Tensor]]] = None
+        device = router.weight.device
+        self._takes_all = torch.tensor([c >= 1.0 for c in router.capacities], device=device)
+        self._threshold = torch.tensor(thresholds if thresholds is not None else [router.routing.threshold] * num_recursions,
+                                       dtype=torch.float32, device=device)
 
     def _select(self, toks: Tokens) -> torch.Tensor:
         """Decide recursion toks.depth for each token; sets its gate; returns the tokens that take it."""
-        router, device = self.router, toks.h.device
+        router = self.router
         r = toks.depth.clamp(max=self.n - 1)
         logits = (toks.h @ router.weight.t()).float().gather(1, r[:, None])[:, 0]
         probs = router._activate(logits)
         decide = probs if router.aux_weight is None else torch.sigmoid(
             (toks.h @ router.aux_weight.t()).float().gather(1, r[:, None])[:, 0])
-        takes_all = torch.tensor([c >= 1.0 for c in router.capacities], device=device)[r]
-        threshold = torch.tensor(self.thresholds, device=device)[r]
+        takes_all, threshold = self._takes_all[r], self._threshold[r]
         live = toks.depth < self.n
         if self.trace is not None:
             for i in range(self.n):
