@@ -28,5 +28,7 @@ RUN pip install "ray[default,train]==${RAY_VERSION}" ninja pybind11 && \
 WORKDIR /workspace/mor-dist
 COPY . .
 # Editable, so that mor_dist's REPO_ROOT is this directory (configs/, k8s/) in every Ray process.
-RUN pip install "ray[default,train]==${RAY_VERSION}" -e ".[gpu]" && \
+# The extra that matches TE_CORE, so pip keeps the Transformer Engine core built above.
+RUN extra=$([ "${TE_CORE}" = core_cu13 ] && echo gpu-cu13 || echo gpu) && \
+    pip install "ray[default,train]==${RAY_VERSION}" -e ".[${extra}]" && \
     python -c "import ray, mor_dist.config; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"

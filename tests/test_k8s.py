@@ -393,7 +393,9 @@ def test_dockerfile_matches_manifests() -> None:
     ray_version = re.search(r"^ARG RAY_VERSION=(\S+)$", text, re.M).group(1)
     workdir = re.search(r"^WORKDIR (\S+)$", text, re.M).group(1)
     assert ".".join(ray_version.split(".")[:2]) == RAY_MINOR
-    assert '".[gpu]"' in text and "ray[default,train]==${RAY_VERSION}" in text
+    assert '-e ".[${extra}]"' in text and "ray[default,train]==${RAY_VERSION}" in text
+    extras = re.findall(r"^(gpu[\w-]*) = ", (REPO / "pyproject.toml").read_text(), re.M)
+    assert sorted(re.findall(r"echo (gpu[\w-]*)", text)) == sorted(extras) == ["gpu", "gpu-cu13"]
     for target in TARGETS:
         for at, spec in cluster_specs(rendered(target)):
             assert spec["rayVersion"] == ray_version, at
