@@ -12,9 +12,10 @@
 #     bench-360m-fp8   the same in FP8 (MoR: tensorwise; vanilla and GPTModel also with delayed scaling)
 #     bench-1p7b-bf16  the 1.7B shape (micro-batch 8)
 #     bench-1p7b-fp8
-#     inference        the paper's protocol at the 360M shapes (1,000 requests, mean length 256), bf16:
-#                      MoR-4, MoR-3, MoR-2 against vanilla of the same depth, one command (and table) each
-# Each phase stays under 10 minutes on one H100. With $OUT set (the device tool), docs/benchmarks.md
+#     inference        the paper's protocol at the 360M shapes (1,000 requests, mean length 256, bf16):
+#                      MoR-4 against vanilla-34 at batch 32 and max batch (the 2x goal); est. 4-5 minutes
+#     inference-nr23   the same for MoR-3 and MoR-2 against vanilla-32, one command (and table) each
+# Each phase should stay under 10 minutes on one H100 (estimated; never run yet). With $OUT set (the device tool), docs/benchmarks.md
 # and the logs are copied there after every phase.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,11 @@ bench() {  # bench SHAPE PRECISION
   fi
 }
 
+infer() {  # infer N_r: MoR-N_r against vanilla of the same depth, the paper's protocol
+  run "inference-nr$1" "$PY" jobs/benchmark.py inference --preset 360m --requests 1000 --mean-len 256 \
+    --recursions "$1" --repeats 1 --append "$DOC"
+}
+
 phase() {
   case "$1" in
     install) run install scripts/gpu_wheels.sh install ;;
@@ -63,12 +69,8 @@ phase() {
     bench-360m-fp8) bench 360m fp8 ;;
     bench-1p7b-bf16) bench 1p7b bf16 ;;
     bench-1p7b-fp8) bench 1p7b fp8 ;;
-    inference)
-      local n
-      for n in 4 3 2; do
-        run "inference-nr$n" "$PY" jobs/benchmark.py inference --preset 360m --requests 1000 --mean-len 256 \
-          --recursions "$n" --repeats 1 --append "$DOC"
-      done ;;
+    inference) infer 4 ;;
+    inference-nr23) infer 3; infer 2 ;;
     *) echo "unknown phase $1" >&2; return 2 ;;
   esac
 }
@@ -76,7 +78,7 @@ phase() {
 phases=("$@")
 # Most telling first: a device session is short, and whatever ran is already in docs/benchmarks.md.
 [ ${#phases[@]} -gt 0 ] || phases=(install tests bench-360m-bf16 inference curves bench-360m-fp8 bench-1p7b-bf16
-                                   bench-1p7b-fp8)
+                                   bench-1p7b-fp8 inference-nr23)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 for p in "${phases[@]}"; do
   phase "$p"
