@@ -70,6 +70,7 @@ def test_damaged_checkpoints_are_detected_and_the_previous_one_used(tp2_run, tmp
     (newest / MANIFEST.format(0)).unlink()
     assert "not completely written" in verify(newest)
     assert latest_valid(copy) == older
+    assert "is not a checkpoint directory" in verify(copy / "config.yaml")
 
 
 def test_resume_from_a_damaged_checkpoint_is_refused_before_launch(tp2_run, tmp_path):

@@ -89,6 +89,8 @@ def save_checkpoint(directory: Path, ddp: torch.nn.Module, optimizer, scheduler,
 
 def verify(directory: Path) -> Optional[str]:
     """None when the checkpoint is whole, else why not (the first problem found)."""
+    if not directory.is_dir():
+        return f"{directory} is not a checkpoint directory (runs/<name>/checkpoint_<date>_<time>/)"
     first = directory / MANIFEST.format(0)
     if not first.is_file():
         return f"{directory} has no {first.name}: it was not completely written"
