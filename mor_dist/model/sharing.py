@@ -27,10 +27,6 @@ class LayerPlan:
     def num_unique(self) -> int:
         return len(set(self.unrolled))
 
-    @property
-    def routable(self) -> bool:
-        return self.sharing in ("cycle", "middle_cycle")
-
     def describe(self) -> str:
         """Paper notation, e.g. '1 + 10x3 + 1'."""
         if self.sharing in ("cycle", "middle_cycle"):

@@ -158,7 +158,3 @@ class ChunkBatches:
                 self.seen.append(next(self.source))
             self.cursor[chunk] += 1
             yield self.seen[self.cursor[chunk] - 1]
-
-    def new_step(self) -> None:
-        """Forget the last step's micro-batches (every chunk has consumed them)."""
-        self.seen, self.cursor = [], [0] * len(self.cursor)

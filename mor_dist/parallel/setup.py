@@ -12,13 +12,6 @@ from mor_dist.config import ParallelConfig
 from mor_dist.parallel.cpu_compat import apply_cpu_shims
 
 
-def use_cuda(parallel: ParallelConfig) -> bool:
-    """Whether this run places the model on CUDA."""
-    if parallel.use_gpu == "auto":
-        return torch.cuda.is_available()
-    return parallel.use_gpu == "true"
-
-
 def init_single_process(port: int | None = None) -> None:
     """A world of one (tests, dry runs, export): gloo on loopback."""
     if dist.is_initialized():
