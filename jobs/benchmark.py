@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
@@ -14,6 +15,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("train", "inference"):
         print(USAGE, file=sys.stderr)
         return 2
+    warnings.filterwarnings("ignore", category=UserWarning)  # megatron's notes on absent TE/Apex at import
     if argv[0] == "train":
         from mor_dist.bench.train import main as run
     else:

@@ -10,6 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from mor_dist.config import ConfigError, load_config  # noqa: E402
+from mor_dist.launch import RunComplete, launch  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -35,11 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                                                               cfg.parallel.tp)
             print("\n".join(summarize(cfg, vocab).lines(cfg)))
             return 0
-        if args.resume_from is not None and not args.resume_from.is_dir():
-            raise ConfigError(f"--resume-from {args.resume_from} is not a checkpoint directory")
-        from mor_dist.launch import RunComplete, launch
-
-        result = launch(cfg, args.resume_from)
+        resume = args.resume_from.resolve() if args.resume_from is not None else None  # workers run elsewhere
+        result = launch(cfg, resume)
     except RunComplete as done:
         print(done)
         return 0

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from mor_dist import k8s
-from mor_dist.cli import positive_float
-from mor_dist.config import ConfigError
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from mor_dist import k8s  # noqa: E402
+from mor_dist.cli import positive_float  # noqa: E402
+from mor_dist.config import ConfigError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -367,6 +367,20 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.run.max_failures >= 0, f"run.max_failures must be >= 0, got {cfg.run.max_failures}")
 
 
+# Keys that change the model's parameters (their names or shapes): a checkpoint only loads into the same.
+STATE_KEYS = ("model.kind", "model.num_layers", "model.hidden_size", "model.num_attention_heads",
+              "model.num_query_groups", "model.ffn_hidden_size", "model.vocab_size", "model.num_recursions",
+              "model.sharing", "model.tie_embeddings", "routing.kind", "routing.aux_router")
+
+
+def state_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """'key: saved -> now' for every parameter-defining key where `cfg` differs from a saved config dict."""
+    old, new = flatten(saved), flatten(cfg.to_dict())
+    routed = new.get("model.kind") == "mor" or old.get("model.kind") == "mor"
+    keys = [k for k in STATE_KEYS if routed or not k.startswith("routing.")]
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if k in old and old.get(k) != new.get(k)]
+
+
 def config_from_dict(values: dict[str, Any]) -> RunConfig:
     """Rebuild a RunConfig from `to_dict()` output (as workers receive it), validated again."""
     cfg = _build(RunConfig, values, "")

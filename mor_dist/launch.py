@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 
-from mor_dist.config import ConfigError, RunConfig
+from mor_dist.config import ConfigError, RunConfig, state_changes
 
 # Reach every worker through the runtime environment (they must be set before CUDA/NCCL start).
 WORKER_ENV = {
@@ -93,9 +93,12 @@ def launch(cfg: RunConfig, resume_from: Optional[Path] = None) -> LaunchResult:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    import torch
+
     from mor_dist.data import padded_vocab_size, prepare_data
-    from mor_dist.tracking.tracker import tracking_uri
-    from mor_dist.train.checkpoint import checkpoint_step, latest_valid, verify
+    from mor_dist.model.layers import check_options
+    from mor_dist.tracking.tracker import tag_checkpoint, tracking_uri
+    from mor_dist.train.checkpoint import checkpoint_step, latest_valid, manifest, verify
 
     storage, run_dir = run_paths(cfg)
     if resume_from is not None and (problem := verify(resume_from)) is not None:
@@ -103,12 +106,18 @@ def launch(cfg: RunConfig, resume_from: Optional[Path] = None) -> LaunchResult:
     if resume_from is None:
         resume_from = latest_valid(run_dir)
     if resume_from is not None:
+        saved = manifest(resume_from).get("config")
+        if saved is not None and (changes := state_changes(saved, cfg)):
+            raise ConfigError(f"{resume_from} holds a different model ({'; '.join(changes)}); set those keys back "
+                              "to resume it, or start another run with run.name=NAME")
         step = checkpoint_step(resume_from)
         if step >= cfg.train.steps:
             raise RunComplete(f"run '{cfg.run.name}' is already complete at step {step} ({resume_from}); raise "
                               f"train.steps to continue it (train.steps={2 * step}), or start another with "
                               f"run.name=NAME")
         print(f"resuming from {resume_from} (step {step})", flush=True)
+    if not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
+        check_options(cfg, on_cuda=False)  # the local cluster will be CPU-only: refuse GPU options before it starts
     prepared = prepare_data(cfg, storage / "cache")  # bad data fails here, before any worker
     vocab = cfg.model.vocab_size or padded_vocab_size(prepared.vocab_size, cfg.parallel.tp)
     connect_ray(cfg.world_size)
@@ -140,4 +149,7 @@ def launch(cfg: RunConfig, resume_from: Optional[Path] = None) -> LaunchResult:
     )
     result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    return LaunchResult(run_dir, checkpoint, tracking_uri(cfg, run_dir), dict(result.metrics or {}))
+    uri = tracking_uri(cfg, run_dir)
+    if checkpoint is not None and Path(checkpoint).is_dir() and (saved := manifest(Path(checkpoint)))["run_id"]:
+        tag_checkpoint(uri, saved["run_id"], Path(checkpoint), saved["step"])
+    return LaunchResult(run_dir, checkpoint, uri, dict(result.metrics or {}))

@@ -71,6 +71,7 @@ def test_damaged_checkpoints_are_detected_and_the_previous_one_used(tp2_run, tmp
     assert "not completely written" in verify(newest)
     assert latest_valid(copy) == older
     assert "is not a checkpoint directory" in verify(copy / "config.yaml")
+    assert f"is a run directory, not a checkpoint; its newest checkpoint is {older}" in verify(copy)
 
 
 def test_resume_from_a_damaged_checkpoint_is_refused_before_launch(tp2_run, tmp_path):
@@ -84,9 +85,21 @@ def test_resume_from_a_damaged_checkpoint_is_refused_before_launch(tp2_run, tmp_
         launch(load_config(None, BASE + [f"run.storage_path={tmp_path}"]), resume_from=broken)
 
 
+def test_resume_into_a_different_model_is_refused_before_launch(tp2_run, tmp_path):
+    from mor_dist.launch import launch
+
+    _, run_dir = tp2_run
+    cfg = load_config(None, BASE + ["parallel.tp=2", "routing.kind=token_choice", f"run.storage_path={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"routing.kind: expert_choice -> token_choice.*run.name=NAME"):
+        launch(cfg, resume_from=run_dir / "checkpoint_000004")
+
+
 def test_export_gives_a_single_file_model_with_the_checkpoint_weights(prepared, tp2_run, tmp_path):
     data, vocab = prepared
     reports, run_dir = tp2_run
+    refused = subprocess.run([sys.executable, "jobs/export.py", str(run_dir / "checkpoint_000003"), str(tmp_path)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and f"{tmp_path} is a directory" in refused.stderr
     out = tmp_path / "model.pt"
     done = subprocess.run([sys.executable, "jobs/export.py", str(run_dir / "checkpoint_000003"), str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -136,3 +149,10 @@ def test_killed_worker_recovers_and_rerun_continues(prepared, tmp_path):
     assert sorted(logged) == list(range(1, 11))
     for step, loss in logged.items():
         assert loss == pytest.approx(expected[step], rel=1e-4), step
+
+    from mlflow import MlflowClient  # the MLflow run points at the final checkpoint, which export accepts
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.tags["checkpoint.step"] == "10"
+    assert verify(Path(run.data.tags["checkpoint.path"])) is None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from mor_dist.config import ConfigError, load_config
+from mor_dist.config import REPO_ROOT, ConfigError, load_config, state_changes
 
 PRESETS = sorted(Path("configs").glob("*.yaml"))
 
@@ -76,3 +78,26 @@ def test_fp8_and_bf16_are_refused_on_cpu(world):
         cfg = load_config(None, [f"train.precision={precision}"])
         with pytest.raises(ConfigError, match="train.precision"):
             transformer_config(cfg, on_cuda=False)
+
+
+def test_state_changes_name_only_parameter_defining_keys():
+    saved = load_config(None, []).to_dict()
+    assert state_changes(saved, load_config(None, ["train.lr=0.5", "routing.capacities=[1.0,0.5,0.2]"])) == []
+    assert state_changes(saved, load_config(None, ["routing.kind=token_choice", "model.hidden_size=128"])) == [
+        "model.hidden_size: 64 -> 128", "routing.kind: expert_choice -> token_choice"]
+    vanilla = load_config(None, ["model.kind=vanilla", "model.num_recursions=1"]).to_dict()
+    later = load_config(None, ["model.kind=vanilla", "model.num_recursions=1", "routing.kind=token_choice"])
+    assert state_changes(vanilla, later) == []  # routing does not exist in a vanilla model
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train.stepz=5"], "unknown config key 'train.stepz'"),
+    (["train.steps=abc"], "train.steps"),
+    (["--config", "configs/nope.yaml"], "does not exist"),
+    (["--dry-run", "parallel.tp=3"], "parallel.tp"),
+])
+def test_pretrain_cli_reports_bad_config_without_a_traceback(args, needle):
+    out = subprocess.run([sys.executable, "jobs/pretrain.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith("error: ") and needle in out.stderr and "Traceback" not in out.stderr

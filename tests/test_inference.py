@@ -157,6 +157,18 @@ def test_exported_checkpoint_loads_and_generates_alike(build, tmp_path):
     assert generate(loaded, [[3, 4]], 5)[0] == generate(model, [[3, 4]], 5)[0]
 
 
+def test_a_file_that_is_not_an_export_is_refused(tmp_path):
+    from mor_dist.config import ConfigError
+
+    text = tmp_path / "README.md"
+    text.write_text("# not a model\n")
+    with pytest.raises(ConfigError, match="is not an exported model file"):
+        load_checkpoint(text)
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ConfigError, match="is not an exported model file"):
+        load_checkpoint(tmp_path / "list.pt")
+
+
 def test_max_batch_scales_with_the_memory_mor_saves():
     gib = 2**30
     assert max_batch(32, 80 * gib, (1 * gib, 2.0), (1 * gib, 3.0)) == 48

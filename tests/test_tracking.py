@@ -150,6 +150,19 @@ def test_resumed_run_continues_with_one_value_per_step(resumed_run, client):
     assert max(counts.values()) == 1 and counts[("train/loss", 5)] == 1
 
 
+def test_a_new_run_from_another_runs_checkpoint_gets_its_own_mlflow_run(resumed_run, runner, client):
+    runs, _ = resumed_run
+    source = runs[0]
+    cfg = runner.config("branch", "train.steps=8", "train.log_interval=1", "train.eval_interval=-1",
+                        "train.checkpoint_interval=-1", "tracking.experiment=resumed")
+    runner(cfg, resume=runner.checkpoints[6])
+    by_name = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("resumed").experiment_id])}
+    assert set(by_name) == {"resumed", "branch"}
+    branch = by_name["branch"].info.run_id
+    assert branch != source.info.run_id and steps(client, branch, "train/loss") == [7, 8]
+    assert steps(client, source.info.run_id, "train/loss") == list(range(1, 9))  # the source run is untouched
+
+
 def test_unreachable_tracking_server_warns_and_training_finishes(runner, monkeypatch):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

@@ -30,7 +30,13 @@ def load_checkpoint(path: Path, on_cuda: bool = False) -> tuple[MoRModel, RunCon
     """(model, cfg) from an exported file {"config", "vocab_size", "model"} of an unsharded MoRModel."""
     if not Path(path).is_file():
         raise ConfigError(f"--checkpoint {path} is not a file (export one with jobs/export.py)")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # not a torch file at all (pickle, zip or EOF errors)
+        raise ConfigError(f"--checkpoint {path} is not an exported model file (jobs/export.py writes one): "
+                          f"{type(err).__name__}: {err}") from None
+    if not isinstance(payload, dict):
+        raise ConfigError(f"--checkpoint {path} is not an exported model file (jobs/export.py writes one)")
     missing = {"config", "vocab_size", "model"} - set(payload)
     if missing:
         raise ConfigError(f"{path} is not an exported checkpoint: missing {sorted(missing)}")

@@ -182,3 +182,16 @@ class Tracker:
             self._client.set_terminated(self.run_id, status=status)
         except Exception as err:
             self._degrade(f"MLflow could not close run {self.run_id} ({type(err).__name__}: {err})")
+
+
+def tag_checkpoint(uri: str, run_id: str, directory: Path, step: int) -> None:
+    """Point the MLflow run at its newest checkpoint (tags checkpoint.path, checkpoint.step); warn if unreachable."""
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.set_tag(run_id, "checkpoint.path", str(directory))
+        client.set_tag(run_id, "checkpoint.step", str(step))
+    except Exception as err:
+        warnings.warn(f"MLflow run {run_id} at {uri} was not tagged with checkpoint {directory} "
+                      f"({type(err).__name__}: {err})", TrackingWarning, stacklevel=2)

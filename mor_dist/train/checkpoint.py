@@ -83,7 +83,7 @@ def save_checkpoint(directory: Path, ddp: torch.nn.Module, optimizer, scheduler,
     dist.barrier()
     rank = dist.get_rank()
     manifest = {"rank": rank, "world_size": saved["world_size"], "step": extra["step"],
-                "files": _file_entries(directory, before)}
+                "run_id": extra.get("run_id"), "config": extra.get("config"), "files": _file_entries(directory, before)}
     (directory / MANIFEST.format(rank)).write_text(json.dumps(manifest))
 
 
@@ -92,6 +92,8 @@ def verify(directory: Path) -> Optional[str]:
     if not directory.is_dir():
         return f"{directory} is not a checkpoint directory (runs/<name>/checkpoint_<date>_<time>/)"
     first = directory / MANIFEST.format(0)
+    if not first.is_file() and (inside := latest_valid(directory, warn=lambda _: None)) is not None:
+        return f"{directory} is a run directory, not a checkpoint; its newest checkpoint is {inside}"
     if not first.is_file():
         return f"{directory} has no {first.name}: it was not completely written"
     try:
@@ -115,8 +117,13 @@ def verify(directory: Path) -> Optional[str]:
     return None
 
 
+def manifest(directory: Path) -> dict[str, Any]:
+    """Rank 0's manifest: step, world size, MLflow run id (None without tracking), run config, file checksums."""
+    return json.loads((directory / MANIFEST.format(0)).read_text())
+
+
 def checkpoint_step(directory: Path) -> int:
-    return json.loads((directory / MANIFEST.format(0)).read_text())["step"]
+    return manifest(directory)["step"]
 
 
 def latest_valid(run_dir: Path, warn=print) -> Optional[Path]:

@@ -21,6 +21,8 @@ def export(checkpoint: Path, out_file: Path) -> dict[str, Any]:
     from mor_dist.model.mor import build_model
     from mor_dist.parallel.setup import init_model_parallel, init_single_process
 
+    if out_file.is_dir():
+        raise ConfigError(f"cannot export: {out_file} is a directory; give the file to write, e.g. {out_file / 'model.pt'}")
     problem = verify(checkpoint)
     if problem is not None:
         raise ConfigError(f"cannot export: {problem}")

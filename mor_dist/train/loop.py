@@ -137,7 +137,10 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
     step, run_id = 0, None
     if hooks.checkpoint is not None:
         extra, position = load_checkpoint(hooks.checkpoint, ddp, optimizer, scheduler)
-        step, run_id = extra["step"], extra.get("run_id")
+        step = extra["step"]
+        # Continue the MLflow run only for a checkpoint of this run; starting from another run's gets a new one.
+        same_run = extra.get("config", {}).get("run", {}).get("name") == cfg.run.name
+        run_id = extra.get("run_id") if same_run else None
         batches.load_state_dict(position)
 
     logging_rank = hooks.world_rank == 0
