@@ -125,7 +125,7 @@ def test_killed_worker_recovers_and_rerun_continues(prepared, tmp_path):
     logged loss equals an uninterrupted run's."""
     data, vocab = prepared
     common = BASE + ["parallel.tp=2", "train.steps=8", "train.decay_fraction=0", "run.name=recover",
-                     "run.max_failures=1", f"run.storage_path={tmp_path / 'runs'}"]
+                     "run.max_failures=1", f"run.storage_path={tmp_path / 'runs'}", "tracking.enabled=true"]
     env = {"MOR_DIST_FAULT": f"5:1:{tmp_path / 'killed'}", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "jobs/pretrain.py", *common]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
