@@ -72,6 +72,20 @@ def check_fits(cfg: RunConfig, on_cuda: bool) -> None:
         check_options(cfg, on_cuda=False)
 
 
+def vocab_for(cfg: RunConfig, tokenizer_vocab: int, saved: Optional[dict]) -> int:
+    """The padded vocabulary: a resumed run keeps its checkpoint's (the embedding's shape), else the tokenizer's
+    padded to a multiple of 128 * tp, as Megatron does."""
+    from mor_dist.data import padded_vocab_size
+
+    if saved is not None and saved.get("vocab_size"):
+        vocab = saved["vocab_size"]
+        if vocab % cfg.parallel.tp:
+            raise ConfigError(f"the checkpoint's padded vocabulary ({vocab}) does not split over parallel.tp="
+                              f"{cfg.parallel.tp}; use a parallel.tp that divides it")
+        return vocab
+    return cfg.model.vocab_size or padded_vocab_size(tokenizer_vocab, cfg.parallel.tp)
+
+
 def connect_ray(workers: int) -> None:
     """Join the cluster of RAY_ADDRESS / `ray job submit`, else start a local one with room for `workers`."""
     import ray
@@ -91,26 +105,25 @@ def connect_ray(workers: int) -> None:
 def launch(cfg: RunConfig, resume_from: Optional[Path] = None) -> LaunchResult:
     """Prepare data on the driver, run the workers, return where the outputs are."""
     import ray.train
+    import torch
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    import torch
-
-    from mor_dist.data import padded_vocab_size, prepare_data
+    from mor_dist.data import prepare_data
     from mor_dist.model.layers import check_options
     from mor_dist.tracking.tracker import tag_checkpoint, tracking_uri
-    from mor_dist.train.checkpoint import checkpoint_step, latest_valid, manifest, verify
+    from mor_dist.train.checkpoint import latest_valid, manifest, verify
 
     storage, run_dir = run_paths(cfg)
     if resume_from is not None and (problem := verify(resume_from)) is not None:
         raise ConfigError(f"--resume-from: {problem}")
     if resume_from is None:
         resume_from = latest_valid(run_dir)
-    if resume_from is not None:
-        saved = manifest(resume_from).get("config")
-        if saved is not None and (changes := state_changes(saved, cfg)):
+    saved = manifest(resume_from) if resume_from is not None else None
+    if saved is not None:
+        if saved.get("config") is not None and (changes := state_changes(saved["config"], cfg)):
             raise ConfigError(f"{resume_from} holds a different model ({'; '.join(changes)}); set those keys back "
                               "to resume it, or start another run with run.name=NAME")
-        step = checkpoint_step(resume_from)
+        step = saved["step"]
         if step >= cfg.train.steps:
             raise RunComplete(f"run '{cfg.run.name}' is already complete at step {step} ({resume_from}); raise "
                               f"train.steps to continue it (train.steps={2 * step}), or start another with "
@@ -119,7 +132,7 @@ def launch(cfg: RunConfig, resume_from: Optional[Path] = None) -> LaunchResult:
     if not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
         check_options(cfg, on_cuda=False)  # the local cluster will be CPU-only: refuse GPU options before it starts
     prepared = prepare_data(cfg, storage / "cache")  # bad data fails here, before any worker
-    vocab = cfg.model.vocab_size or padded_vocab_size(prepared.vocab_size, cfg.parallel.tp)
+    vocab = vocab_for(cfg, prepared.vocab_size, saved)
     connect_ray(cfg.world_size)
     on_cuda = wants_gpu(cfg)
     check_fits(cfg, on_cuda)

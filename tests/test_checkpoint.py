@@ -94,6 +94,21 @@ def test_resume_into_a_different_model_is_refused_before_launch(tp2_run, tmp_pat
         launch(cfg, resume_from=run_dir / "checkpoint_000004")
 
 
+def test_a_resumed_run_keeps_its_checkpoints_vocabulary(prepared, tp2_run):
+    from mor_dist.launch import vocab_for
+    from mor_dist.train.checkpoint import manifest
+
+    data, vocab = prepared  # padded for tp=2, as the tp=2 run saved it
+    _, run_dir = tp2_run
+    saved = manifest(run_dir / "checkpoint_000004")
+    assert saved["vocab_size"] == vocab
+    tp1 = load_config(None, BASE)
+    assert vocab_for(tp1, data.vocab_size, None) < vocab  # a fresh tp=1 run pads less
+    assert vocab_for(tp1, data.vocab_size, saved) == vocab  # the embedding keeps the checkpoint's shape
+    with pytest.raises(ConfigError, match="does not split over parallel.tp=2"):
+        vocab_for(load_config(None, BASE + ["parallel.tp=2"]), data.vocab_size, {**saved, "vocab_size": vocab + 1})
+
+
 def test_export_gives_a_single_file_model_with_the_checkpoint_weights(prepared, tp2_run, tmp_path):
     data, vocab = prepared
     reports, run_dir = tp2_run

@@ -83,7 +83,8 @@ def save_checkpoint(directory: Path, ddp: torch.nn.Module, optimizer, scheduler,
     dist.barrier()
     rank = dist.get_rank()
     manifest = {"rank": rank, "world_size": saved["world_size"], "step": extra["step"],
-                "run_id": extra.get("run_id"), "config": extra.get("config"), "files": _file_entries(directory, before)}
+                "run_id": extra.get("run_id"), "config": extra.get("config"), "vocab_size": extra.get("vocab_size"),
+                "files": _file_entries(directory, before)}
     (directory / MANIFEST.format(rank)).write_text(json.dumps(manifest))
 
 
@@ -118,7 +119,8 @@ def verify(directory: Path) -> Optional[str]:
 
 
 def manifest(directory: Path) -> dict[str, Any]:
-    """Rank 0's manifest: step, world size, MLflow run id (None without tracking), run config, file checksums."""
+    """Rank 0's manifest: step, world size, MLflow run id (None without tracking), run config, padded vocabulary,
+    file checksums."""
     return json.loads((directory / MANIFEST.format(0)).read_text())
 
 
