@@ -163,6 +163,6 @@ def launch(cfg: RunConfig, resume_from: Optional[Path] = None) -> LaunchResult:
     result = trainer.fit()
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     uri = tracking_uri(cfg, run_dir)
-    if checkpoint is not None and Path(checkpoint).is_dir() and (saved := manifest(Path(checkpoint)))["run_id"]:
-        tag_checkpoint(uri, saved["run_id"], Path(checkpoint), saved["step"])
+    if checkpoint is not None and Path(checkpoint).is_dir() and (final := manifest(Path(checkpoint))).get("run_id"):
+        tag_checkpoint(uri, final["run_id"], Path(checkpoint), final["step"])
     return LaunchResult(run_dir, checkpoint, uri, dict(result.metrics or {}))
