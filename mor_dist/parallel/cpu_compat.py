@@ -118,19 +118,6 @@ def cpu_clip_grad_by_total_norm(parameters, max_norm: float, total_norm: float, 
         torch._foreach_mul_(grads, coeff)
 
 
-class _HostStream:
-    """Stands in for torch.cuda's current stream: CPU work is already ordered."""
-
-    def wait_event(self, event) -> None:
-        pass
-
-    def wait_stream(self, stream) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-
 def apply_cpu_shims() -> None:
     """Patch megatron-core for CPU; a no-op when CUDA is available or already applied."""
     global _APPLIED
@@ -143,7 +130,7 @@ def apply_cpu_shims() -> None:
 
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.current_stream = lambda *a, **k: _HostStream()  # megatron 0.19's grad sync waits on it
+    torch.cuda.current_stream = torch.cpu.current_stream  # megatron 0.19's grad sync asks for it; torch's CPU stream
     torch.Tensor.cuda = lambda self, *a, **k: self  # a CPU-only host: "to the accelerator" stays put
     from megatron.core.optimizer import clip_grads, optimizer
 
