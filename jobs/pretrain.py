@@ -10,14 +10,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from mor_dist.config import ConfigError, load_config  # noqa: E402
-from mor_dist.launch import RunComplete, launch  # noqa: E402
+from mor_dist.launch import RunComplete, TrainingFailed, launch  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", type=Path, default=None, help="YAML run config (default: configs/tiny_mor.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="build the model, print its shape and FLOPs, exit")
-    parser.add_argument("--resume-from", type=Path, default=None, help="a checkpoint directory to start from")
+    parser.add_argument("--resume-from", type=Path, default=None,
+                        help="a checkpoint directory to start from (default: the run's newest whole checkpoint)")
+    parser.add_argument("--start-over", action="store_true",
+                        help="start the run again from step 0 although it has checkpoints (its old directory is moved "
+                             "aside and its MLflow run renamed; nothing is deleted)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 routing.kind=token_choice")
     return parser.parse_args(argv)
 
@@ -36,14 +40,19 @@ def main(argv: list[str] | None = None) -> int:
                                                               cfg.parallel.tp)
             print("\n".join(summarize(cfg, vocab).lines(cfg)))
             return 0
+        if args.start_over and args.resume_from is not None:
+            raise ConfigError("--start-over starts from step 0 and --resume-from from a checkpoint; give one of them")
         resume = args.resume_from.resolve() if args.resume_from is not None else None  # workers run elsewhere
-        result = launch(cfg, resume)
+        result = launch(cfg, resume, args.start_over)
     except RunComplete as done:
         print(done)
         return 0
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingFailed as failed:
+        print(f"\n{failed.summary}\n\ndetails:\n{failed.details}", file=sys.stderr)
+        return 1
     print("\nDone. Outputs:")
     print(f"  run directory   {result.run_dir}")
     print(f"  checkpoint      {result.checkpoint}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ class ParallelConfig:
     dp: int = 1
     sequence_parallel: bool = False
     use_gpu: Literal["auto", "true", "false"] = "auto"
+    oversubscribe: bool = False  # a local cluster may start more workers than the machine has cores
 
 
 @dataclass
@@ -236,22 +238,57 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
-    """Read one YAML file, resolving its optional `inherit: other.yaml` (relative to the file)."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key '{key}' appears twice in one section (line {key_node.start_mark.line + 1}); "
+                                  "keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """One config file as a mapping, with errors that name the file and the fix."""
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))
+        raise ConfigError(f"--config {path} is a directory; give one YAML file"
+                          + (f", e.g. {path / found[0]}" if found else ""))
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; presets are in {REPO_ROOT / 'configs'}")
-    if path.resolve() in seen:
-        raise ConfigError(f"config file {path} inherits itself through {[str(p) for p in seen]}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not a text file ({err.reason} at byte {err.start}); give a YAML "
+                          "file") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    except ConfigError as err:
+        raise ConfigError(f"config file {path}: {err}") from err
+    if tree is None:
+        raise ConfigError(f"config file {path} is empty; give at least one section (e.g. `inherit: tiny_mor.yaml`), "
+                          "or leave out --config for the defaults")
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return tree
+
+
+def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """Read one YAML file, resolving its optional `inherit: other.yaml` (relative to the file)."""
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} inherits itself through {[str(p) for p in seen]}")
+    tree = _read_yaml(path)
     parent = tree.pop("inherit", None)
     if parent is None:
         return tree
-    return _merge(_read_tree(path.parent / str(parent), seen + (path.resolve(),)), tree)
+    if not isinstance(parent, str):
+        raise ConfigError(f"config file {path}: inherit must name one YAML file (relative to it), got {parent!r}; "
+                          "chain files by letting the parent inherit in turn")
+    return _merge(_read_tree(path.parent / parent, seen + (path.resolve(),)), tree)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -296,6 +333,16 @@ def _validate_pipeline(cfg: RunConfig) -> None:
                  f"the interleaved pipeline runs micro-batches in groups of parallel.pp={p.pp}: "
                  f"train.global_batch_size / (train.micro_batch_size * parallel.dp) = {micro} must be a multiple "
                  f"of {p.pp}")
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@,-]{0,199}")
+
+
+def _validate_run_name(name: Optional[str]) -> None:
+    """A run name is one directory under run.storage_path, and an MLflow run name."""
+    _require(name is not None and RUN_NAME.fullmatch(name) is not None,
+             f"run.name={name!r} must be 1-200 characters of letters, digits and . _ - + = @ , starting with a letter "
+             "or digit (it names a directory under run.storage_path), e.g. run.name=my_run")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -351,6 +398,7 @@ def validate(cfg: RunConfig) -> None:
     _require(t.global_batch_size % per_step == 0,
              f"train.global_batch_size={t.global_batch_size} must be a multiple of "
              f"train.micro_batch_size * parallel.dp = {per_step}")
+    _require(0 <= t.seed < 2**32, f"train.seed must lie in [0, 2**32), got {t.seed}")
     _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr must lie in [0, train.lr], got {t.min_lr}")
     _require(0 <= t.warmup_steps < t.steps or t.steps == 1,
@@ -363,6 +411,11 @@ def validate(cfg: RunConfig) -> None:
              f"data.validation_fraction must lie in (0, 1), got {cfg.data.validation_fraction}")
     if m.vocab_size is not None:
         _require(m.vocab_size % p.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
+    _validate_run_name(cfg.run.name)
+    _require(cfg.data.dataset != "", "data.dataset is empty; give 'bundled', a local file or directory, or a hub name")
+    _require(all(len(part) <= 255 for part in Path(cfg.data.dataset).parts),
+             f"data.dataset={cfg.data.dataset[:40]!r}... has a part longer than 255 characters, which no file or hub "
+             "dataset name can have; check the value")
     _require(cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {cfg.run.keep_checkpoints}")
     _require(cfg.run.max_failures >= 0, f"run.max_failures must be >= 0, got {cfg.run.max_failures}")
 

@@ -1,14 +1,20 @@
-"""Driver side: validate, prepare data, then TorchTrainer / ScalingConfig / RunConfig / FailureConfig."""
+"""Driver side: check storage and cluster, pick the start, prepare data, then TorchTrainer / ScalingConfig /
+RunConfig / FailureConfig."""
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-
-from mor_dist.config import ConfigError, RunConfig, state_changes
+from mor_dist.config import ConfigError, RunConfig
+from mor_dist.resume import RunComplete, choose_start, start_fresh
+from mor_dist.storage import check_room, check_writable
+from mor_dist.failures import TrainingFailed, failure_summary
+from mor_dist.train.catalog import prune, read_manifest
 
 # Reach every worker through the runtime environment (they must be set before CUDA/NCCL start).
 WORKER_ENV = {
@@ -18,10 +24,8 @@ WORKER_ENV = {
     "PYTHONWARNINGS": "ignore::UserWarning,ignore::DeprecationWarning,ignore::FutureWarning",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # the logging rank's progress line once, not twice
 }
-
-
-class RunComplete(Exception):
-    """The run's latest checkpoint already reached train.steps: nothing to do."""
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's reported checkpoints
+__all__ = ["RunComplete", "TrainingFailed", "launch"]
 
 
 @dataclass
@@ -40,11 +44,8 @@ def run_paths(cfg: RunConfig) -> tuple[Path, Path]:
     return storage, storage / cfg.run.name
 
 
-def wants_gpu(cfg: RunConfig) -> bool:
-    """Resolve parallel.use_gpu against what the cluster offers."""
-    import ray
-
-    gpus = ray.cluster_resources().get("GPU", 0)
+def wants_gpu(cfg: RunConfig, gpus: float) -> bool:
+    """Resolve parallel.use_gpu against the GPUs the cluster offers."""
     if cfg.parallel.use_gpu == "true":
         if gpus < 1:
             raise ConfigError("parallel.use_gpu=true but the Ray cluster has no GPUs; use parallel.use_gpu=false")
@@ -54,13 +55,10 @@ def wants_gpu(cfg: RunConfig) -> bool:
     return gpus >= 1
 
 
-def check_fits(cfg: RunConfig, on_cuda: bool) -> None:
+def check_fits(cfg: RunConfig, resources: dict[str, float], on_cuda: bool) -> None:
     """tp*pp*dp workers must fit the cluster before anything starts."""
-    import ray
-
     from mor_dist.model.layers import check_options
 
-    resources = ray.cluster_resources()
     need = cfg.world_size
     kind = "GPU" if on_cuda else "CPU"
     have = int(resources.get(kind, 0))
@@ -70,6 +68,18 @@ def check_fits(cfg: RunConfig, on_cuda: bool) -> None:
             f"cluster has {have} {kind}s; lower parallel.dp/tp/pp or add nodes")
     if not on_cuda:  # GPU-only options on a CPU cluster; GPU checks need the workers' devices
         check_options(cfg, on_cuda=False)
+
+
+def local_resources(cfg: RunConfig) -> dict[str, float]:
+    """What a local cluster will offer: this machine's cores (or one per worker with parallel.oversubscribe) and
+    GPUs. Known before it starts, so layouts that do not fit are refused first."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    if cfg.world_size > cores and not cfg.parallel.oversubscribe:
+        raise ConfigError(f"parallel.tp*pp*dp = {cfg.world_size} workers, but this machine has {cores} cores; lower "
+                          "parallel.dp/tp/pp, or set parallel.oversubscribe=true to run them anyway (slowly)")
+    return {"CPU": float(max(cores, cfg.world_size)), "GPU": float(torch.cuda.device_count())}
 
 
 def vocab_for(cfg: RunConfig, tokenizer_vocab: int, saved: Optional[dict]) -> int:
@@ -86,63 +96,68 @@ def vocab_for(cfg: RunConfig, tokenizer_vocab: int, saved: Optional[dict]) -> in
     return cfg.model.vocab_size or padded_vocab_size(tokenizer_vocab, cfg.parallel.tp)
 
 
-def connect_ray(workers: int) -> None:
-    """Join the cluster of RAY_ADDRESS / `ray job submit`, else start a local one with room for `workers`."""
+def connect_ray(resources: Optional[dict[str, float]] = None) -> dict[str, float]:
+    """Join the cluster of RAY_ADDRESS / `ray job submit`, else start a local one with `resources`; what it offers."""
     import ray
 
-    if ray.is_initialized():
-        return
-    os.environ.update({k: v for k, v in WORKER_ENV.items() if k.startswith("RAY_")})
-    address = os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k.startswith("MOR_DIST_")}}}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
-        # A local CPU cluster may oversubscribe cores so that any layout can be tried on a laptop.
-        ray.init(num_cpus=max(os.cpu_count() or 1, workers), runtime_env=env, log_to_driver=True)
+    if not ray.is_initialized():
+        os.environ.update({k: v for k, v in WORKER_ENV.items() if k.startswith("RAY_")})
+        env = {"env_vars": {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k.startswith("MOR_DIST_")}}}
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
+        else:
+            ray.init(num_cpus=int((resources or {}).get("CPU", os.cpu_count() or 1)), runtime_env=env,
+                     log_to_driver=True)
+    return ray.cluster_resources()
 
 
-def launch(cfg: RunConfig, resume_from: Optional[Path] = None) -> LaunchResult:
-    """Prepare data on the driver, run the workers, return where the outputs are."""
+def _forget_previous_launch(run_dir: Path) -> None:
+    """Each launch is a new Ray Train run in the same directory: the launch decides where it starts, so Ray's
+    record of the previous launch's checkpoints must not hand them to this launch's workers."""
+    (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
+
+
+def launch(cfg: RunConfig, resume_from: Optional[Path] = None, start_over: bool = False) -> LaunchResult:
+    """Check storage and cluster, pick the start, prepare data on the driver, run the workers."""
     import ray.train
-    import torch
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mor_dist.data import prepare_data
-    from mor_dist.model.layers import check_options
+    from mor_dist.supervise import Supervisor
+    from mor_dist.tracking.metadata import parameter_count
     from mor_dist.tracking.tracker import tag_checkpoint, tracking_uri
-    from mor_dist.train.checkpoint import latest_valid, manifest, verify
 
     storage, run_dir = run_paths(cfg)
-    if resume_from is not None and (problem := verify(resume_from)) is not None:
-        raise ConfigError(f"--resume-from: {problem}")
-    if resume_from is None:
-        resume_from = latest_valid(run_dir)
-    saved = manifest(resume_from) if resume_from is not None else None
-    if saved is not None:
-        if saved.get("config") is not None and (changes := state_changes(saved["config"], cfg)):
-            raise ConfigError(f"{resume_from} holds a different model ({'; '.join(changes)}); set those keys back "
-                              "to resume it, or start another run with run.name=NAME")
-        step = saved["step"]
-        if step >= cfg.train.steps:
-            raise RunComplete(f"run '{cfg.run.name}' is already complete at step {step} ({resume_from}); raise "
-                              f"train.steps to continue it (train.steps={2 * step}), or start another with "
-                              f"run.name=NAME")
-        print(f"resuming from {resume_from} (step {step})", flush=True)
-    if not os.environ.get("RAY_ADDRESS") and not torch.cuda.is_available():
-        check_options(cfg, on_cuda=False)  # the local cluster will be CPU-only: refuse GPU options before it starts
+    check_writable(storage)
+    remote = bool(os.environ.get("RAY_ADDRESS"))
+    resources = connect_ray() if remote else local_resources(cfg)  # joining a cluster is cheap; starting one is not
+    on_cuda = wants_gpu(cfg, resources.get("GPU", 0))
+    check_fits(cfg, resources, on_cuda)
+    start = choose_start(cfg, run_dir, resume_from, start_over)
+    if start.checkpoint is not None:
+        print(f"resuming from {start.checkpoint} (step {start.step})", flush=True)
     prepared = prepare_data(cfg, storage / "cache")  # bad data fails here, before any worker
-    vocab = vocab_for(cfg, prepared.vocab_size, saved)
-    connect_ray(cfg.world_size)
-    on_cuda = wants_gpu(cfg)
-    check_fits(cfg, on_cuda)
+    vocab = vocab_for(cfg, prepared.vocab_size, start.saved)
+    print(check_room(cfg, storage, parameter_count(cfg, vocab)), flush=True)
+    if start.checkpoint is None:
+        start_fresh(cfg, run_dir)
+    else:
+        prune(run_dir, cfg.run.keep_checkpoints, [start.checkpoint])  # partial ones older than a whole one
+    if not remote:
+        connect_ray(resources)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _forget_previous_launch(run_dir)
+    protect = [start.checkpoint] if start.checkpoint else []
     payload = {
         "config": cfg.to_dict(),
         "data_dir": str(prepared.directory),
         "vocab_size": vocab,
         "run_dir": str(run_dir),
         "on_cuda": on_cuda,
-        "resume_from": str(resume_from) if resume_from else None,
+        "resume_from": str(start.checkpoint) if start.checkpoint else None,
+        "launch": uuid.uuid4().hex[:12],
+        "launch_time": time.time(),
+        "keep_checkpoints": cfg.run.keep_checkpoints,
     }
     from mor_dist.train.loop import ray_worker
 
@@ -156,13 +171,18 @@ def launch(cfg: RunConfig, resume_from: Optional[Path] = None) -> LaunchResult:
             name=cfg.run.name,
             storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            # Retention is ours (Supervisor): Ray's would delete an explicit --resume-from and damaged evidence.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            callbacks=[Supervisor(run_dir, cfg.run.keep_checkpoints, protect, cfg.run.max_failures, start.step)],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # per-report INFO stays in log files
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise failure_summary(err, run_dir) from err
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     uri = tracking_uri(cfg, run_dir)
-    if checkpoint is not None and Path(checkpoint).is_dir() and (final := manifest(Path(checkpoint))).get("run_id"):
+    if checkpoint is not None and Path(checkpoint).is_dir() and (final := read_manifest(Path(checkpoint))).get("run_id"):
         tag_checkpoint(uri, final["run_id"], Path(checkpoint), final["step"])
     return LaunchResult(run_dir, checkpoint, uri, dict(result.metrics or {}))

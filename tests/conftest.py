@@ -1,16 +1,38 @@
-"""Shared fixtures: one single-process gloo world per session; megatron state reset per use."""
+"""Shared fixtures: one single-process gloo world per session; megatron state reset per use and torn down
+after each module, with the process's thread count checked there."""
 
 from __future__ import annotations
 
+import gc
+import os
 import warnings
 
 import pytest
 import torch
 
 from mor_dist.config import load_config
-from mor_dist.parallel.setup import init_model_parallel, init_single_process
+from mor_dist.parallel.setup import destroy_parallel_groups, init_model_parallel, init_single_process
 
 warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
+
+
+THREAD_LIMIT = 200  # torch, gloo, MLflow and datasets threads of one module's fixtures fit well below
+
+
+def thread_count() -> int:
+    """Threads of this process (native ones included, which `threading` does not see)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_model_parallel():
+    """After each test module: destroy megatron's groups, then check nothing else left threads running."""
+    yield
+    destroy_parallel_groups()
+    gc.collect()
+    if os.path.isdir("/proc/self/task"):
+        count = thread_count()
+        assert count < THREAD_LIMIT, f"the test process holds {count} threads after this module; tear down what it made"
 
 
 @pytest.fixture(scope="session")

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from mor_dist.config import ConfigError, load_config
-from mor_dist.train.checkpoint import MANIFEST, latest_valid, verify
+from mor_dist.train.catalog import MANIFEST, checkpoint_dirs, newest_whole, read_manifest, verify
 from multiproc import run_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,14 +55,14 @@ def test_damaged_checkpoints_are_detected_and_the_previous_one_used(tp2_run, tmp
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     newest, older = copy / "checkpoint_000004", copy / "checkpoint_000003"
-    assert verify(newest) is None and latest_valid(copy) == newest
+    assert verify(newest) is None and newest_whole(copy).path == newest
 
     shard = max((p for p in newest.rglob("*.distcp")), key=lambda p: p.stat().st_size)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     warnings: list[str] = []
     assert "truncated" in verify(newest)
-    assert latest_valid(copy, warn=warnings.append) == older
+    assert newest_whole(copy, warn=warnings.append).path == older
     assert any("truncated" in w for w in warnings)
 
     shard.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
@@ -69,7 +71,7 @@ def test_damaged_checkpoints_are_detected_and_the_previous_one_used(tp2_run, tmp
     assert "rank 1 did not finish" in verify(newest)
     (newest / MANIFEST.format(0)).unlink()
     assert "not completely written" in verify(newest)
-    assert latest_valid(copy) == older
+    assert newest_whole(copy).path == older
     assert "is not a checkpoint directory" in verify(copy / "config.yaml")
     assert f"is a run directory, not a checkpoint; its newest checkpoint is {older}" in verify(copy)
 
@@ -96,11 +98,10 @@ def test_resume_into_a_different_model_is_refused_before_launch(tp2_run, tmp_pat
 
 def test_a_resumed_run_keeps_its_checkpoints_vocabulary(prepared, tp2_run):
     from mor_dist.launch import vocab_for
-    from mor_dist.train.checkpoint import manifest
 
     data, vocab = prepared  # padded for tp=2, as the tp=2 run saved it
     _, run_dir = tp2_run
-    saved = manifest(run_dir / "checkpoint_000004")
+    saved = read_manifest(run_dir / "checkpoint_000004")
     assert saved["vocab_size"] == vocab
     tp1 = load_config(None, BASE)
     assert vocab_for(tp1, data.vocab_size, None) < vocab  # a fresh tp=1 run pads less
@@ -133,37 +134,60 @@ def test_export_gives_a_single_file_model_with_the_checkpoint_weights(prepared, 
     assert float(torch.stack(losses).mean()) == pytest.approx(reports[-1]["lm_loss"], rel=1e-5)
 
 
-@pytest.mark.ray
-def test_killed_worker_recovers_and_rerun_continues(prepared, tmp_path):
-    """A worker dies after step 5 (checkpoint at 3): Ray restarts the group from step 3 and the run
-    finishes; re-running the same command with more steps continues from the last checkpoint. Every
-    logged loss equals an uninterrupted run's."""
+@pytest.fixture(scope="module")
+def reference_losses(prepared, tmp_path_factory) -> dict[int, float]:
+    """lm_loss by step of an uninterrupted 10-step run (one process, constant LR after one warmup step)."""
     data, vocab = prepared
-    common = BASE + ["parallel.tp=2", "train.steps=8", "train.decay_fraction=0", "run.name=recover",
-                     "run.max_failures=1", f"run.storage_path={tmp_path / 'runs'}", "tracking.enabled=true"]
-    env = {"MOR_DIST_FAULT": f"5:1:{tmp_path / 'killed'}", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "jobs/pretrain.py", *common]
-    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                           env={**__import__("os").environ, **env})
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert (tmp_path / "killed").exists()
-    again = subprocess.run(cmd + ["train.steps=10"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "resuming from" in again.stdout and "(step 8)" in again.stdout
+    reference = run_world(1, BASE + ["train.steps=10", "train.decay_fraction=0", "train.checkpoint_interval=-1"],
+                          data.directory, vocab, tmp_path_factory.mktemp("reference"))
+    return {int(r["step"]): r["lm_loss"] for r in reference}
 
-    logged = {}
-    for line in (tmp_path / "runs" / "recover" / "metrics.jsonl").read_text().splitlines():
+
+def logged_losses(run_dir: Path) -> dict[int, float]:
+    """train/lm_loss by step from a run's metrics.jsonl, checking there is one value per step."""
+    logged: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "train/lm_loss" in record:
             assert record["step"] not in logged  # one value per step despite the replay
             logged[record["step"]] = record["train/lm_loss"]
-    reference = run_world(1, BASE + ["train.steps=10", "train.decay_fraction=0", "train.checkpoint_interval=-1"],
-                          data.directory, vocab,
-                          tmp_path / "reference")
-    expected = {r["step"]: r["lm_loss"] for r in reference}
+    return logged
+
+
+def pretrain(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "jobs/pretrain.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+
+
+def local_copies(run_dir: Path) -> list[Path]:
+    """Local checkpoint copies the run's last launch left in this machine's temp dir."""
+    launch = (run_dir / "launch").read_text().strip()
+    return list(Path(tempfile.gettempdir()).glob(f"mor-ckpt-{launch}-*"))
+
+
+@pytest.mark.ray
+def test_killed_worker_recovers_and_rerun_continues(reference_losses, tmp_path):
+    """A worker dies after step 5 (checkpoint at 3): Ray restarts the group from step 3, saying so, and the run
+    finishes; re-running the same command with more steps continues from the last checkpoint. Every logged
+    loss equals an uninterrupted run's, and no local checkpoint copy is left behind."""
+    common = BASE + ["parallel.tp=2", "train.steps=8", "train.decay_fraction=0", "run.name=recover",
+                     "run.max_failures=1", f"run.storage_path={tmp_path / 'runs'}", "tracking.enabled=true"]
+    first = pretrain(*common, env={"MOR_DIST_FAULT": f"5:1:{tmp_path / 'killed'}"})
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert (tmp_path / "killed").exists()
+    console = first.stdout + first.stderr
+    assert "worker rank 1 lost: its process died" in console
+    assert "restarting the workers from step 3 (restart 1 of run.max_failures=1)" in console
+    run_dir = tmp_path / "runs" / "recover"
+    assert local_copies(run_dir) == []
+    again = pretrain(*common, "train.steps=10")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming from" in again.stdout and "(step 8)" in again.stdout
+
+    logged = logged_losses(run_dir)
     assert sorted(logged) == list(range(1, 11))
     for step, loss in logged.items():
-        assert loss == pytest.approx(expected[step], rel=1e-4), step
+        assert loss == pytest.approx(reference_losses[step], rel=1e-4), step
 
     from mlflow import MlflowClient  # the MLflow run points at the final checkpoint, which export accepts
 
@@ -171,3 +195,42 @@ def test_killed_worker_recovers_and_rerun_continues(prepared, tmp_path):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.data.tags["checkpoint.step"] == "10"
     assert verify(Path(run.data.tags["checkpoint.path"])) is None
+
+
+@pytest.mark.ray
+def test_a_kill_while_checkpointing_then_resume_from_an_older_checkpoint(reference_losses, tmp_path):
+    """Rank 1 is SIGKILLed after writing its part of step 6's checkpoint, before the upload, with no restart
+    allowed: the launch ends with a summary naming the rank and the last checkpoint (step 4). Launching with
+    --resume-from the step-2 checkpoint and train.steps=8 starts at step 3, not at the newest; retention keeps
+    the checkpoint asked for; the MLflow run forks at step 2; every loss equals an uninterrupted run's."""
+    runs = tmp_path / "runs"
+    common = BASE + ["parallel.tp=2", "train.checkpoint_interval=2", "run.keep_checkpoints=2", "run.name=ckill",
+                     "train.decay_fraction=0", f"run.storage_path={runs}", "tracking.enabled=true"]
+    first = pretrain(*common, "train.steps=6", env={"MOR_DIST_FAULT": f"6:1:{tmp_path / 'killed'}:checkpoint"})
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+    summary = first.stderr[first.stderr.index("training failed:"):first.stderr.index("details:")]
+    run_dir = runs / "ckill"
+    by_step = {read_manifest(d)["step"]: d for d in checkpoint_dirs(run_dir) if verify(d) is None}
+    assert sorted(by_step) == [2, 4]
+    assert "worker rank 1: its process died" in summary and f"last checkpoint: {by_step[4]} (step 4)" in summary
+    assert "resume: run the same command again" in summary
+
+    second = pretrain(*common, "train.steps=8", "--resume-from", str(by_step[2]))
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming from {by_step[2]} (step 2)" in second.stdout
+    left = {d.name: verify(d) for d in checkpoint_dirs(run_dir)}
+    assert all(problem is None for problem in left.values()), left  # the partial one is gone
+    assert sorted(read_manifest(run_dir / name)["step"] for name in left) == [2, 6, 8]  # keep 2, plus the one asked for
+    logged = logged_losses(run_dir)
+    assert sorted(logged) == list(range(1, 9))
+    for step, loss in logged.items():
+        assert loss == pytest.approx(reference_losses[step], rel=1e-4), step
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{runs / 'mlflow.db'}")
+    names = {r.info.run_name: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    current = names.pop("ckill")
+    (replaced,) = names.values()
+    assert current.data.tags["mor_dist.fork_step"] == "2" and replaced.info.run_name.startswith("ckill (replaced ")
+    assert sorted(m.step for m in client.get_metric_history(current.info.run_id, "train/lm_loss")) == list(range(1, 9))

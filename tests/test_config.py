@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,11 @@ def test_presets_inherit():
     (["train.warmup_steps=500"], "train.warmup_steps"),
     (["data.validation_fraction=0"], "data.validation_fraction"),
     (["nonsense"], "section.key=value"),
+    (["train.seed=-1"], "train.seed must lie in [0, 2**32)"),
+    (["run.name=../x"], "run.name='../x' must be"),
+    (["run.name=/abs"], "run.name='/abs' must be"),
+    ([f"run.name={'n' * 256}"], "must be 1-200 characters"),
+    ([f"data.dataset={'d' * 256}"], "has a part longer than 255 characters"),
 ])
 def test_bad_values_name_the_key(overrides, needle):
     with pytest.raises(ConfigError) as err:
@@ -69,6 +75,26 @@ def test_missing_and_broken_files(tmp_path):
     loop.write_text("inherit: loop.yaml\n")
     with pytest.raises(ConfigError, match="inherits itself"):
         load_config(loop)
+
+
+@pytest.mark.parametrize("content,needle", [
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "is not a text file"),
+    (b"", "is empty"),
+    (b"# only a comment\n", "is empty"),
+    (b"train:\n  steps: 5\n  steps: 6\n", "key 'steps' appears twice in one section (line 3)"),
+    (b"train: {steps: 5}\ntrain: {lr: 0.1}\n", "key 'train' appears twice"),
+    (b"inherit: [a.yaml, b.yaml]\n", "inherit must name one YAML file"),
+])
+def test_config_files_that_cannot_be_meant_are_refused(tmp_path, content, needle):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config(path)
+
+
+def test_a_directory_given_as_config_is_named_as_such():
+    with pytest.raises(ConfigError, match=r"--config .*configs is a directory; give one YAML file, e.g. "):
+        load_config(REPO_ROOT / "configs")
 
 
 def test_fp8_and_bf16_are_refused_on_cpu(world):
@@ -95,6 +121,7 @@ def test_state_changes_name_only_parameter_defining_keys():
     (["train.steps=abc"], "train.steps"),
     (["--config", "configs/nope.yaml"], "does not exist"),
     (["--dry-run", "parallel.tp=3"], "parallel.tp"),
+    (["--start-over", "--resume-from", "runs/x/checkpoint_1"], "give one of them"),
 ])
 def test_pretrain_cli_reports_bad_config_without_a_traceback(args, needle):
     out = subprocess.run([sys.executable, "jobs/pretrain.py", *args], cwd=REPO_ROOT, capture_output=True, text=True,

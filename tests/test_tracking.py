@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 
 from mor_dist.config import REPO_ROOT, RunConfig, load_config
 from mor_dist.data import padded_vocab_size, prepare_data
+from mor_dist.tracking.compare import find_runs
 from mor_dist.tracking.metadata import metric_name
 from mor_dist.tracking.perf import peak_flops
 from mor_dist.tracking.tracker import TrackingWarning
@@ -42,7 +43,9 @@ class Runner:
     def config(self, name: str, *overrides: str) -> RunConfig:
         return load_config(None, [*TINY, f"run.name={name}", f"run.storage_path={self.root}", *overrides])
 
-    def __call__(self, cfg: RunConfig, resume: Optional[Path] = None, stop_at: Optional[int] = None) -> Path:
+    def __call__(self, cfg: RunConfig, resume: Optional[Path] = None, stop_at: Optional[int] = None,
+                 launch: str = "launch-1") -> Path:
+        """Train in this process; calls with the same `launch` stand for one launch and Ray's restarts in it."""
         prepared = prepare_data(cfg, self.root / "cache")
 
         def report(metrics: dict[str, float], directory: Optional[Path]) -> None:
@@ -53,7 +56,7 @@ class Runner:
 
         run_dir = self.root / cfg.run.name
         train(cfg, prepared.directory, padded_vocab_size(prepared.vocab_size, 1), run_dir, False,
-              Hooks(0, report, resume))
+              Hooks(0, report, resume, launch=launch))
         return run_dir
 
     def cleanup(self) -> None:
@@ -161,6 +164,36 @@ def test_a_new_run_from_another_runs_checkpoint_gets_its_own_mlflow_run(resumed_
     branch = by_name["branch"].info.run_id
     assert branch != source.info.run_id and steps(client, branch, "train/loss") == [7, 8]
     assert steps(client, source.info.run_id, "train/loss") == list(range(1, 9))  # the source run is untouched
+
+
+def test_a_new_launch_that_resumes_before_the_last_logged_step_replaces_the_later_steps(runner, client):
+    """Run A logs steps 1-6; launch B resumes A's step-3 checkpoint with train.steps=8, so its learning rate
+    at steps 4-6 differs. MLflow continues in a fork holding A's steps 1-3 and B's 4-8; A keeps its values
+    under a replaced name; metrics.jsonl holds B's values, A's later ones move to metrics.replaced.jsonl."""
+    common = ("train.log_interval=1", "train.eval_interval=-1", "train.checkpoint_interval=3",
+              "tracking.experiment=forks", "train.decay_fraction=0.5")
+    runner(runner.config("forked", "train.steps=6", *common), launch="A")
+    (first,) = client.search_runs([client.get_experiment_by_name("forks").experiment_id])
+    run_dir = runner(runner.config("forked", "train.steps=8", *common), resume=runner.checkpoints[3], launch="B")
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("forks").experiment_id])}
+    old = runs.pop(first.info.run_id)
+    (new,) = runs.values()
+    assert new.info.run_name == "forked" and old.info.run_name.startswith("forked (replaced ")
+    assert new.data.tags["mor_dist.forked_from"] == old.info.run_id and new.data.tags["mor_dist.fork_step"] == "3"
+    assert old.data.tags["mor_dist.replaced_by"] == new.info.run_id
+
+    def values(run_id: str, key: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+    old_lr, new_lr = values(old.info.run_id, "train/lr"), values(new.info.run_id, "train/lr")
+    assert sorted(new_lr) == list(range(1, 9)) and len(client.get_metric_history(new.info.run_id, "train/lr")) == 8
+    assert [new_lr[s] for s in (1, 2, 3)] == [old_lr[s] for s in (1, 2, 3)]  # copied, not recomputed
+    assert new_lr[6] != old_lr[6]  # B's schedule (8 steps) at step 6, not A's abandoned value
+    local = {r["step"]: r["train/lr"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert local == new_lr
+    replaced = [json.loads(line) for line in (run_dir / "metrics.replaced.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["train/lr"] for r in replaced} == {s: old_lr[s] for s in (4, 5, 6)}
+    assert [r.info.run_id for r in find_runs(client, "forks", [])] == [new.info.run_id]  # compare skips replaced runs
 
 
 def test_unreachable_tracking_server_warns_and_training_finishes(runner, monkeypatch):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 from datasets import Dataset, IterableDataset, load_dataset
 
 from mor_dist.config import ConfigError, DataConfig
+from mor_dist.data.hub import require_hub
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "bundled" / "corpus"
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -42,19 +45,22 @@ class Source:
         return cls(**{**values, "data_files": tuple(values["data_files"])})
 
     def _load(self, streaming: bool) -> Dataset | IterableDataset:
-        """`datasets.load_dataset` for this source (errors unwrapped)."""
+        """`datasets.load_dataset` for this source."""
         if self.is_local:
             extra = {"sample_by": "paragraph"} if self.builder == "text" else {}
             return load_dataset(self.builder, data_files=list(self.data_files), split="train",
                                 streaming=streaming, **extra)
+        require_hub("data.dataset", self.spec)
         return load_dataset(self.builder, self.config_name, split=self.split, streaming=streaming)
 
     def load(self) -> Dataset:
         """The whole dataset, checked: readable, not empty, with a string `data.text_column`."""
         try:
             dataset = self._load(streaming=False)
+        except ConfigError:
+            raise
         except Exception as err:  # datasets raises many types (DatasetGenerationError, FileNotFoundError, ...)
-            raise _unreadable(self.spec, err) from err
+            raise _unreadable(self, err) from err
         if len(dataset) == 0:
             raise ConfigError(f"data.dataset={self.spec!r} holds no records; point it at a non-empty dataset")
         if self.text_column not in dataset.column_names:
@@ -69,8 +75,10 @@ class Source:
         """The dataset as a lazily read stream."""
         try:
             return self._load(streaming=True)
+        except ConfigError:
+            raise
         except Exception as err:
-            raise _unreadable(self.spec, err) from err
+            raise _unreadable(self, err) from err
 
     def check_stream(self) -> None:
         """Check a stream's first record: present, with a string `data.text_column`."""
@@ -79,7 +87,7 @@ class Source:
         except ConfigError:
             raise
         except Exception as err:
-            raise _unreadable(self.spec, err) from err
+            raise _unreadable(self, err) from err
         if first is None:
             raise ConfigError(f"data.dataset={self.spec!r} holds no records; point it at a non-empty dataset")
         if self.text_column not in first:
@@ -101,9 +109,38 @@ class Source:
         return digest.hexdigest()
 
 
-def _unreadable(spec: str, err: Exception) -> ConfigError:
-    """The error for data that `datasets` could not load."""
-    return ConfigError(f"data.dataset={spec!r} could not be read ({type(err).__name__}: {err}); check the "
+def _innermost(err: BaseException) -> BaseException:
+    """The root of an exception chain (`datasets` wraps the parser's error in a generic one)."""
+    while (inner := err.__cause__ or err.__context__) is not None:
+        err = inner
+    return err
+
+
+def _bad_json_line(files: tuple[str, ...]) -> str | None:
+    """`file line N: error` for the first line of a .jsonl file that is not one JSON object, else None."""
+    for name in files:
+        if not name.lower().removesuffix(".gz").endswith(".jsonl"):
+            continue
+        with (gzip.open if name.endswith(".gz") else open)(name, "rt", encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as err:
+                    return f"{name} line {number} is not valid JSON ({err})"
+                if not isinstance(record, dict):
+                    return f"{name} line {number} is not a JSON object"
+    return None
+
+
+def _unreadable(source: Source, err: Exception) -> ConfigError:
+    """The error for data that `datasets` could not load: the bad record's file and line where it can be found,
+    else the underlying cause."""
+    located = _bad_json_line(source.data_files) if source.builder == "json" else None
+    root = _innermost(err)
+    detail = located or f"{type(root).__name__}: {root}"
+    return ConfigError(f"data.dataset={source.spec!r} could not be read: {detail}; fix the data, or check the "
                        "files (txt, jsonl/json, parquet) or the hub name, data.dataset_config and data.split")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as BackendTokenizer
 
 from mor_dist.config import ConfigError
+from mor_dist.data.hub import require_hub
 
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "bundled" / "tokenizer" / "tokenizer.json"
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
@@ -88,6 +89,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
         except Exception as err:  # tokenizers raises plain Exception on malformed files
             raise ConfigError(f"data.tokenizer={spec!r}: {file} is not a readable tokenizer.json ({err})") from err
     else:
+        require_hub("data.tokenizer", spec)
         try:
             backend = BackendTokenizer.from_pretrained(spec)
         except Exception as err:  # network, missing repo or missing tokenizer.json all land here

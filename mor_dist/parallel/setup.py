@@ -38,8 +38,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int, virtual_size: int |
     expected = parallel.tp * parallel.pp * parallel.dp
     if world != expected:
         raise RuntimeError(f"world size {world} != parallel.tp*pp*dp = {expected}")
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    destroy_parallel_groups()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
@@ -60,11 +59,21 @@ def seed_all(seed: int) -> None:
     mp_random.model_parallel_cuda_manual_seed(seed)
 
 
-def teardown() -> None:
-    """Destroy megatron groups and the default process group (tests)."""
+def destroy_parallel_groups() -> None:
+    """Destroy megatron's process groups, keeping the default one. megatron's own destroy only forgets them,
+    and every forgotten gloo group keeps its threads: a process that re-initialises would pile them up."""
     from megatron.core import parallel_state
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        # torch lists a process's groups nowhere public; this map is what destroy_process_group itself uses.
+        for group in list(dist.distributed_c10d._world.pg_map):
+            if group is not dist.GroupMember.WORLD:
+                dist.destroy_process_group(group)
+
+
+def teardown() -> None:
+    """Destroy megatron groups and the default process group (tests, benchmarks)."""
+    destroy_parallel_groups()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 from matplotlib.figure import Figure
 
+from mor_dist.tracking.lineage import REPLACED
+
 DEFAULT_URI = "sqlite:///runs/mlflow.db"  # training's default store with run.storage_path=runs
 
 
@@ -34,13 +36,15 @@ class RunSummary:
 
 
 def find_runs(client: Any, experiment: Optional[str], run_ids: list[str], filter_string: str = "") -> list[Any]:
-    """The given runs, else every run of the experiment (oldest first), optionally filtered."""
+    """The given runs, else every run of the experiment (oldest first) that no later run replaced, optionally
+    filtered."""
     if run_ids:
         return [client.get_run(run_id) for run_id in run_ids]
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ValueError(f"no experiment named {experiment!r} in {client.tracking_uri}")
-    return client.search_runs([found.experiment_id], filter_string, order_by=["attributes.start_time ASC"])
+    runs = client.search_runs([found.experiment_id], filter_string, order_by=["attributes.start_time ASC"])
+    return [run for run in runs if REPLACED not in run.data.tags]
 
 
 def history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:

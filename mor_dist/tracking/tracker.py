@@ -17,8 +17,14 @@ import yaml
 
 from mor_dist.config import RunConfig
 from mor_dist.data import Tokenizer, load_tokenizer
+from mor_dist.tracking.lineage import FORK_STEP, FORKED_FROM, REPLACED_BY, copy_history, last_steps, retire
 from mor_dist.tracking.metadata import metric_name, run_params, run_tags
 from mor_dist.tracking.validation import depth_metrics, depth_plot, depth_table
+
+
+LAUNCH_FILE = "launch"  # the id of the launch that last logged into the run directory
+REPLACED_FILE = "metrics.replaced.jsonl"
+VALIDATION_DIR = "validation"
 
 
 class TrackingWarning(RuntimeWarning):
@@ -59,21 +65,46 @@ def _unseen(values: dict[str, float], step: int, last: dict[str, int]) -> dict[s
     return fresh
 
 
+def _cut_local(path: Path, last_step: int) -> None:
+    """Keep the records of steps <= last_step in metrics.jsonl; later ones move to metrics.replaced.jsonl."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    if len(kept) == len(lines):
+        return
+    with path.with_name(REPLACED_FILE).open("a") as replaced:
+        replaced.writelines(line + "\n" for line in lines if json.loads(line)["step"] > last_step)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _same_launch(run_dir: Path, launch: Optional[str]) -> bool:
+    """Whether this launch already logged into the run directory (a Ray restart), then record it as the last."""
+    marker = run_dir / LAUNCH_FILE
+    if launch is None:
+        return False
+    same = marker.is_file() and marker.read_text().strip() == launch
+    marker.write_text(f"{launch}\n")
+    return same
+
+
 class Tracker:
     """MLflow when reachable; metrics always also go to `metrics.jsonl` in the run directory.
 
-    Every metric keeps one value per step: after a resume, steps at or before the last one already
-    logged for that metric (in MLflow, and in the local file) are skipped.
+    Every metric keeps one value per step. A Ray restart replays steps that its launch already
+    logged: the same computation, so those steps are skipped. A new launch that starts before the
+    last logged step replaces the later steps: metrics.jsonl moves them to metrics.replaced.jsonl,
+    and MLflow continues in a fork of the run (`lineage`).
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, run_id: Optional[str], vocab_size: int, hosts: int = 1,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, launch: Optional[str] = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.local = run_dir / "metrics.jsonl"
-        if start_step == 0:
-            self.local.write_text("")
+        self.start_step = start_step
+        self.replace = not _same_launch(run_dir, launch)
+        if self.replace:
+            _cut_local(self.local, start_step)
         self._local_last = _last_local_steps(self.local)
         self._last: dict[str, int] = {}
         self.run_id: Optional[str] = run_id
@@ -88,7 +119,7 @@ class Tracker:
 
     def _start(self, vocab_size: int, hosts: int) -> Any:
         from mlflow import MlflowClient
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import RunTag
 
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # table creation notes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -96,20 +127,39 @@ class Tracker:
         client = MlflowClient(tracking_uri=self.uri)
         tags = run_tags(self.cfg, hosts)
         if self.run_id is None:
-            self.run_id = client.create_run(self._experiment_id(client), run_name=self.cfg.run.name,
-                                            tags=tags).info.run_id
-            params = [Param(k, v) for k, v in run_params(self.cfg, vocab_size).items()]
-            for i in range(0, len(params), 100):
-                client.log_batch(self.run_id, params=params[i:i + 100])
-            config_file = self.run_dir / "config.yaml"
-            config_file.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-            client.log_artifact(self.run_id, str(config_file))
-        else:
-            client.update_run(self.run_id, status="RUNNING")
-            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])  # layout may change
-            for key in client.get_run(self.run_id).data.metrics:
-                self._last[key] = max(m.step for m in client.get_metric_history(self.run_id, key))
+            self.run_id = self._create(client, tags, vocab_size)
+            return client
+        last = last_steps(client, self.run_id)
+        if self.replace and any(step > self.start_step for step in last.values()):
+            old = self.run_id
+            self.run_id = self._create(client, {**tags, FORKED_FROM: old, FORK_STEP: str(self.start_step)},
+                                       vocab_size)
+            copy_history(client, old, self.run_id, self.start_step)
+            retire(client, old, f"a later launch resumed from step {self.start_step}", {REPLACED_BY: self.run_id})
+            print(f"MLflow: steps after {self.start_step} are replaced; the run continues as {self.run_id}, the "
+                  f"previous one ({old}) keeps its values, renamed as replaced", flush=True)
+            self._last = {k: min(v, self.start_step) for k, v in last.items()}
+            return client
+        client.update_run(self.run_id, status="RUNNING")
+        client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])  # layout may change
+        self._last = last
         return client
+
+    def _create(self, client: Any, tags: dict[str, str], vocab_size: int) -> str:
+        """A new MLflow run with the config's params, the config file and the validation artifacts kept so far."""
+        from mlflow.entities import Param
+
+        run_id = client.create_run(self._experiment_id(client), run_name=self.cfg.run.name, tags=tags).info.run_id
+        params = [Param(k, v) for k, v in run_params(self.cfg, vocab_size).items()]
+        for i in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[i:i + 100])
+        config_file = self.run_dir / "config.yaml"
+        config_file.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        client.log_artifact(run_id, str(config_file))
+        for folder in sorted((self.run_dir / VALIDATION_DIR).glob("step_*")):
+            if int(folder.name.removeprefix("step_")) <= self.start_step:
+                client.log_artifacts(run_id, str(folder), f"{VALIDATION_DIR}/{folder.name}")
+        return run_id
 
     def _experiment_id(self, client: Any) -> str:
         from mlflow.exceptions import MlflowException
@@ -162,7 +212,7 @@ class Tracker:
         toks, deps = torch.cat(tokens).cpu(), torch.cat(depths).cpu()
         n = self.cfg.model.num_recursions
         self.log(depth_metrics(deps, n), step)
-        artifact_path = f"validation/step_{step:06d}"
+        artifact_path = f"{VALIDATION_DIR}/step_{step:06d}"
         folder = self.run_dir / artifact_path
         folder.mkdir(parents=True, exist_ok=True)
         depth_plot(deps, n, step, folder / "depth_distribution.png")

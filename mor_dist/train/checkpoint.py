@@ -1,26 +1,31 @@
 """megatron dist_checkpointing for model and optimizer (reshardable across TP/PP), plus loop state.
 
-Every rank writes its shards and then a manifest of what it wrote (sizes and CRC32s). A checkpoint
-counts only when the manifests of all its ranks are present and every listed file matches, so a
-partially written, truncated or corrupted checkpoint is never resumed from.
+Every rank writes its shards and then a manifest of what it wrote (`catalog`); loading trusts a
+checkpoint that the driver or rank 0 already verified once, so no rank re-reads every byte.
 """
 
 from __future__ import annotations
 
-import json
-import zlib
+import errno
+import shutil
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
-from mor_dist.config import ConfigError
+from mor_dist.train.catalog import file_entries, write_manifest
 
+NEARLY_FULL_BYTES = 16 * 2**20
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}  # allows TP/PP changes on load
-MANIFEST = "manifest.rank{}.json"
+
+
+class StorageFull(OSError):
+    """No space left where a checkpoint is written; the message names the path and what to do."""
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -53,21 +58,56 @@ def _data_object(state: Any, dp_size: int, dp_rank: int) -> ShardedObject:
     return ShardedObject("data_position", state, (dp_size,), (dp_rank,), replica_id=replica)
 
 
-def _file_entries(directory: Path, before: set[str]) -> dict[str, list[int]]:
-    entries = {}
-    for path in sorted(directory.rglob("*")):
-        rel = str(path.relative_to(directory))
-        if path.is_file() and rel not in before and not rel.startswith("manifest."):
-            data = path.read_bytes()
-            entries[rel] = [len(data), zlib.crc32(data)]
-    return entries
+def is_disk_full(err: BaseException) -> bool:
+    """Whether an error, or one it wraps, is a full disk. torch's distributed checkpoint collects each rank's
+    failure in `failures`, and megatron's writer processes pass theirs on as text ("[Errno 28] ...")."""
+    pending: list[Any] = [err]
+    while pending:
+        item = pending.pop()
+        if item is None:
+            continue
+        if isinstance(item, OSError) and item.errno == errno.ENOSPC or f"[Errno {errno.ENOSPC}]" in str(item):
+            return True
+        if isinstance(item, BaseException):
+            pending += [item.__cause__, item.__context__, *dict(getattr(item, "failures", None) or {}).values()]
+    return False
+
+
+def nearly_full(where: Path) -> bool:
+    """Whether the device holding `where` has (almost) no room left: torch's writers report a full disk in
+    their own words (e.g. "unexpected pos 704 vs 598"), so a failed write is judged by the room left too."""
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    return shutil.disk_usage(existing).free < NEARLY_FULL_BYTES
+
+
+def storage_full(where: Path, step: int) -> StorageFull:
+    """The error for a checkpoint that did not fit on the device holding `where`."""
+    free = shutil.disk_usage(next(p for p in (where, *where.parents) if p.exists())).free / 2**30
+    return StorageFull(errno.ENOSPC, f"no space left on the device holding {where} ({free:.2f} GiB free) while "
+                       f"writing the checkpoint of step {step}; free space there, or lower run.keep_checkpoints, "
+                       "then run the same command again to resume")
 
 
 def save_checkpoint(directory: Path, ddp: torch.nn.Module, optimizer, scheduler, extra: dict[str, Any],
                     data_state: Any) -> None:
-    """Every rank writes its shards into `directory`, then its manifest (the last file it writes)."""
+    """Every rank writes its shards into `directory`, then its manifest (the last file it writes).
+
+    A full disk removes this rank's partial files (so a retry has the room again) and raises StorageFull.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     before = {str(p.relative_to(directory)) for p in directory.rglob("*")}
+    try:
+        _write(directory, before, ddp, optimizer, scheduler, extra, data_state)
+    except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
+        if not (is_disk_full(err) or nearly_full(directory)):
+            raise
+        if not before:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise storage_full(directory, extra["step"]) from err
+
+
+def _write(directory: Path, before: set[str], ddp: torch.nn.Module, optimizer, scheduler, extra: dict[str, Any],
+           data_state: Any) -> None:
     model_sd = _unwrap(ddp).sharded_state_dict()
     saved = {**extra, "layout": layout(), "world_size": dist.get_world_size()}
     state = {
@@ -82,74 +122,19 @@ def save_checkpoint(directory: Path, ddp: torch.nn.Module, optimizer, scheduler,
     dist_checkpointing.save(state, str(directory))
     dist.barrier()
     rank = dist.get_rank()
-    manifest = {"rank": rank, "world_size": saved["world_size"], "step": extra["step"],
-                "run_id": extra.get("run_id"), "config": extra.get("config"), "vocab_size": extra.get("vocab_size"),
-                "files": _file_entries(directory, before)}
-    (directory / MANIFEST.format(rank)).write_text(json.dumps(manifest))
-
-
-def verify(directory: Path) -> Optional[str]:
-    """None when the checkpoint is whole, else why not (the first problem found)."""
-    if not directory.is_dir():
-        return f"{directory} is not a checkpoint directory (runs/<name>/checkpoint_<date>_<time>/)"
-    first = directory / MANIFEST.format(0)
-    if not first.is_file() and (inside := latest_valid(directory, warn=lambda _: None)) is not None:
-        return f"{directory} is a run directory, not a checkpoint; its newest checkpoint is {inside}"
-    if not first.is_file():
-        return f"{directory} has no {first.name}: it was not completely written"
-    try:
-        world = json.loads(first.read_text())["world_size"]
-        manifests = [directory / MANIFEST.format(rank) for rank in range(world)]
-        for rank, path in enumerate(manifests):
-            if not path.is_file():
-                return f"{directory} lacks {path.name}: rank {rank} did not finish writing"
-        for path in manifests:
-            for rel, (size, crc) in json.loads(path.read_text())["files"].items():
-                file = directory / rel
-                if not file.is_file():
-                    return f"{directory}: {rel} is missing"
-                data = file.read_bytes()
-                if len(data) != size:
-                    return f"{directory}: {rel} is truncated ({len(data)} of {size} bytes)"
-                if zlib.crc32(data) != crc:
-                    return f"{directory}: {rel} is corrupted (checksum mismatch)"
-    except (OSError, ValueError, KeyError) as err:
-        return f"{directory}: unreadable manifest ({err})"
-    return None
-
-
-def manifest(directory: Path) -> dict[str, Any]:
-    """Rank 0's manifest: step, world size, MLflow run id (None without tracking), run config, padded vocabulary,
-    file checksums."""
-    return json.loads((directory / MANIFEST.format(0)).read_text())
-
-
-def checkpoint_step(directory: Path) -> int:
-    return manifest(directory)["step"]
-
-
-def latest_valid(run_dir: Path, warn=print) -> Optional[Path]:
-    """The newest whole checkpoint under a run directory; damaged ones are reported and skipped."""
-    candidates = [d for d in run_dir.glob("checkpoint_*") if d.is_dir()] if run_dir.is_dir() else []
-    scored = []
-    for directory in candidates:
-        problem = verify(directory)
-        if problem is None:
-            scored.append((checkpoint_step(directory), directory.name, directory))
-        elif (directory / MANIFEST.format(0)).is_file() or any(directory.iterdir()):
-            warn(f"warning: skipping checkpoint: {problem}")
-    return max(scored)[2] if scored else None
+    manifest = {"rank": rank, "world_size": saved["world_size"], "step": extra["step"], "saved_at": time.time(),
+                "launch": extra.get("launch"), "run_id": extra.get("run_id"), "config": extra.get("config"),
+                "vocab_size": extra.get("vocab_size"), "files": file_entries(directory, before)}
+    write_manifest(directory, rank, manifest)
 
 
 def load_checkpoint(directory: Path, ddp: torch.nn.Module, optimizer, scheduler) -> tuple[dict[str, Any], Any]:
-    """Load into the live model/optimizer/scheduler (any TP/PP/DP layout); returns (loop state, data position).
+    """Load a verified checkpoint into the live model/optimizer/scheduler (any TP/PP/DP layout); returns
+    (loop state, data position).
 
     With another data-parallel size the position of data-parallel rank 0 is used: packed data keeps
     one global position, which any DP size can continue from.
     """
-    problem = verify(directory)
-    if problem is not None:
-        raise ConfigError(f"cannot resume: {problem}; pick another with --resume-from")
     common = dist_checkpointing.load_common_state_dict(str(directory))
     model_sd = _unwrap(ddp).sharded_state_dict()
     template = {"model": model_sd,

@@ -13,7 +13,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from mor_dist.config import ConfigError, config_from_dict
-from mor_dist.train.checkpoint import verify
+from mor_dist.train.catalog import verify
 
 
 def export(checkpoint: Path, out_file: Path) -> dict[str, Any]:

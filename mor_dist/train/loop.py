@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,10 +27,19 @@ from mor_dist.parallel.setup import init_model_parallel
 from mor_dist.tracking.metadata import host_count
 from mor_dist.tracking.perf import mfu
 from mor_dist.tracking.tracker import Tracker
-from mor_dist.train.checkpoint import latest_valid, load_checkpoint, save_checkpoint
+from mor_dist.train.catalog import newest_whole, prune
+from mor_dist.train.checkpoint import is_disk_full, storage_full, load_checkpoint, save_checkpoint
 from mor_dist.train.metrics import reduce_means
 from mor_dist.train.optim import build_optimizer, wrap_ddp
 from mor_dist.train.step import Stage, evaluate, train_step
+
+
+LOCAL_CHECKPOINT_PREFIX = "mor-ckpt-"
+
+
+def local_checkpoint_dir(launch: Optional[str], step: int) -> Path:
+    """A fresh local directory for one rank's part of a checkpoint (Ray uploads it, then deletes it)."""
+    return Path(tempfile.mkdtemp(prefix=f"{LOCAL_CHECKPOINT_PREFIX}{launch or 'x'}-{step}-"))
 
 
 @dataclass
@@ -37,10 +48,11 @@ class Hooks:
 
     world_rank: int
     report: Callable[[dict[str, float], Optional[Path]], None]
-    checkpoint: Optional[Path] = None  # a checkpoint directory to resume from
+    checkpoint: Optional[Path] = None  # a verified checkpoint directory to resume from
     # Where this rank writes the checkpoint of a step: a fresh local directory per worker for Ray
     # (report() uploads each worker's files into one storage directory), or one shared directory.
-    checkpoint_dir: Callable[[int], Path] = lambda step: Path(tempfile.mkdtemp(prefix=f"mor-ckpt-{step}-"))
+    checkpoint_dir: Callable[[int], Path] = lambda step: local_checkpoint_dir(None, step)
+    launch: Optional[str] = None  # the launch's id: checkpoints and the tracker record it
 
 
 def peak_memory_gib() -> float:
@@ -84,15 +96,17 @@ def _due(step: int, interval: int, last: int) -> bool:
     return step == last or (interval > 0 and step % interval == 0)
 
 
-def _maybe_inject_fault(step: int, rank: int) -> None:
-    """Test-only: MOR_DIST_FAULT="step:rank:marker" kills that rank's process once, after that step."""
+def _maybe_inject_fault(step: int, rank: int, phase: str) -> None:
+    """Test-only: MOR_DIST_FAULT="step:rank:marker[:phase]" kills that rank's process (SIGKILL) once, after
+    that step ("step", the default) or after writing its part of that step's checkpoint, before the upload
+    ("checkpoint")."""
     spec = os.environ.get("MOR_DIST_FAULT")
     if not spec:
         return
-    at, victim, marker = spec.split(":", 2)
-    if step == int(at) and rank == int(victim) and not Path(marker).exists():
-        Path(marker).write_text(f"killed rank {rank} after step {step}\n")
-        os._exit(1)
+    at, victim, marker, *when = spec.split(":", 3)
+    if step == int(at) and rank == int(victim) and (when or ["step"])[0] == phase and not Path(marker).exists():
+        Path(marker).write_text(f"killed rank {rank} at step {step} ({phase})\n")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _broadcast(value: Any) -> Any:
@@ -145,7 +159,7 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
 
     logging_rank = hooks.world_rank == 0
     hosts = host_count()
-    tracker = Tracker(cfg, run_dir, run_id, vocab_size, hosts, step) if logging_rank else None
+    tracker = Tracker(cfg, run_dir, run_id, vocab_size, hosts, step, hooks.launch) if logging_rank else None
     run_id = _broadcast(tracker.run_id if tracker else None)  # checkpoints' common state must agree
     progress = Progress(t.steps, step)
     flops_per_token = forward_flops_per_token(cfg, vocab_size).training
@@ -156,7 +170,7 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
         while step < t.steps:
             local = train_step(stage, optimizer, scheduler, batches, num_micro, t.micro_batch_size)
             step += 1
-            _maybe_inject_fault(step, hooks.world_rank)
+            _maybe_inject_fault(step, hooks.world_rank, "step")
             window_steps += 1
             log, ev, ck = (_due(step, t.log_interval, t.steps), _due(step, t.eval_interval, t.steps),
                            _due(step, t.checkpoint_interval, t.steps))
@@ -182,8 +196,10 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
             directory = None
             if ck:
                 directory = hooks.checkpoint_dir(step)
-                extra = {"step": step, "run_id": run_id, "config": cfg.to_dict(), "vocab_size": vocab_size}
+                extra = {"step": step, "run_id": run_id, "config": cfg.to_dict(), "vocab_size": vocab_size,
+                         "launch": hooks.launch}
                 save_checkpoint(directory, ddp, optimizer, scheduler, extra, batches.state_dict())
+                _maybe_inject_fault(step, hooks.world_rank, "checkpoint")
             if tracker is not None:
                 tracker.log(metrics, step)
                 print(progress.line(step, metrics), flush=True)
@@ -211,6 +227,24 @@ def _quiet_worker_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def _start_point(run_dir: Path, payload: dict[str, Any], restarted: bool) -> Optional[str]:
+    """Rank 0: where this attempt starts. The launch's own start (verified by the driver), unless Ray restarted
+    the workers after this launch reported a checkpoint: then the newest whole one of this launch."""
+    prune(run_dir, payload["keep_checkpoints"], [Path(p) for p in [payload["resume_from"]] if p],
+          since=payload["launch_time"])  # what a lost attempt left half-written
+    start = payload["resume_from"]
+    if restarted:
+        found = newest_whole(run_dir, launch=payload["launch"])
+        start = str(found.path) if found is not None else start
+    return start
+
+
+def _remove_local_leftovers(launch: str) -> None:
+    """Local checkpoint copies that a killed attempt of this launch left on this node."""
+    for leftover in Path(tempfile.gettempdir()).glob(f"{LOCAL_CHECKPOINT_PREFIX}{launch}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def ray_worker(payload: dict[str, Any]) -> None:
     """TorchTrainer entry point: unpack the payload, bind the loop to ray.train."""
     import ray.train
@@ -222,13 +256,25 @@ def ray_worker(payload: dict[str, Any]) -> None:
     if on_cuda:
         torch.cuda.set_device(ray.train.torch.get_device())
     context = ray.train.get_context()
-    run_dir = Path(payload["run_dir"])
-    # After Ray restarts the group, continue from the newest whole checkpoint of this run.
-    resume = latest_valid(run_dir) if ray.train.get_checkpoint() is not None else payload.get("resume_from")
+    run_dir, launch = Path(payload["run_dir"]), payload["launch"]
+    if context.get_local_rank() == 0:
+        _remove_local_leftovers(launch)
+    # Ray hands a checkpoint to the workers only when it restarts them after this launch reported one
+    # (the driver clears the previous launch's record).
+    restarted = ray.train.get_checkpoint() is not None
+    start = _broadcast(_start_point(run_dir, payload, restarted) if context.get_world_rank() == 0 else None)
 
     def report(metrics: dict[str, float], directory: Optional[Path]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        try:
+            ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
+        except Exception as err:
+            if directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+            if is_disk_full(err):
+                raise storage_full(run_dir, int(metrics["step"])) from err
+            raise
 
-    hooks = Hooks(context.get_world_rank(), report, Path(resume) if resume else None)
+    hooks = Hooks(context.get_world_rank(), report, Path(start) if start else None,
+                  lambda step: local_checkpoint_dir(launch, step), launch)
     train(cfg, Path(payload["data_dir"]), payload["vocab_size"], run_dir, on_cuda, hooks)

@@ -1,0 +1,232 @@
+"""The checkpoints of a run directory: which are whole, which to resume from, which retention may delete.
+
+File operations only (no torch), so the driver, Ray Train's controller and rank 0 share them. Every
+rank of a checkpoint writes its shards, then a manifest of what it wrote (sizes and CRC32s). A
+checkpoint is whole when the manifests of all its ranks are present and every listed file matches;
+it is partial when a rank did not finish writing, damaged when a listed file is missing, truncated
+or corrupted, and unreadable when storage keeps failing to read it (retried first, never taken for
+corruption).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import json
+import os
+import shutil
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+MANIFEST = "manifest.rank{}.json"
+KEEP = "KEEP"  # a file in a checkpoint directory that retention respects; it holds the reason
+READ_TRIES = 3
+BLOCK = 1 << 22
+
+
+class Status(str, enum.Enum):
+    """What a checkpoint directory holds."""
+
+    WHOLE = "whole"
+    PARTIAL = "partial"
+    DAMAGED = "damaged"
+    UNREADABLE = "unreadable"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint directory, as inspected."""
+
+    path: Path
+    status: Status
+    problem: Optional[str]  # why it is not whole (None when whole)
+    step: Optional[int]  # from rank 0's manifest, when readable
+    saved_at: float  # when rank 0 finished writing it (its manifest), else the directory's mtime
+    launch: Optional[str]  # the launch that wrote it (None for checkpoints of older versions)
+
+    @property
+    def describe(self) -> str:
+        """e.g. `checkpoint_... (step 6): corrupted ...`."""
+        step = f" (step {self.step})" if self.step is not None else ""
+        return f"{self.path.name}{step}: {self.problem or 'whole'}"
+
+
+class ReadFailed(OSError):
+    """Storage failed to read a file READ_TRIES times."""
+
+
+def _retrying(read: Callable[[], Any], path: Path, warn: Callable[[str], None]) -> Any:
+    """read(), retried with backoff on I/O errors other than a missing file (storage can fail transiently)."""
+    for attempt in range(READ_TRIES):
+        try:
+            return read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise
+        except OSError as err:
+            if attempt == READ_TRIES - 1:
+                raise ReadFailed(err.errno or errno.EIO, f"{path}: {err.strerror or err} ({READ_TRIES} tries)") from err
+            warn(f"warning: reading {path} failed ({err}); retrying")
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def checksum(path: Path) -> tuple[int, int]:
+    """(size, CRC32) of a file, read in blocks."""
+    size, crc = 0, 0
+    with open(path, "rb") as handle:
+        while block := handle.read(BLOCK):
+            size += len(block)
+            crc = zlib.crc32(block, crc)
+    return size, crc
+
+
+def file_entries(directory: Path, skip: set[str]) -> dict[str, list[int]]:
+    """{relative path: [size, crc32]} of the files under `directory` (manifests and `skip` left out)."""
+    entries = {}
+    for path in sorted(directory.rglob("*")):
+        rel = str(path.relative_to(directory))
+        if path.is_file() and rel not in skip and not rel.startswith("manifest.") and rel != KEEP:
+            entries[rel] = list(checksum(path))
+    return entries
+
+
+def write_manifest(directory: Path, rank: int, manifest: dict[str, Any]) -> None:
+    """Rank's manifest, written atomically (a half-written manifest never exists)."""
+    final = directory / MANIFEST.format(rank)
+    partial = final.with_suffix(".tmp")
+    partial.write_text(json.dumps(manifest))
+    os.replace(partial, final)
+
+
+def read_manifest(directory: Path, rank: int = 0, warn: Callable[[str], None] = print) -> dict[str, Any]:
+    """A rank's manifest (default rank 0: step, world size, MLflow run id, run config, padded vocabulary, files)."""
+    path = directory / MANIFEST.format(rank)
+    return json.loads(_retrying(path.read_text, path, warn))
+
+
+def _damaged(directory: Path, manifest: dict[str, Any], problem: str) -> Checkpoint:
+    return Checkpoint(directory, Status.DAMAGED, problem, manifest.get("step"),
+                      manifest.get("saved_at", 0.0), manifest.get("launch"))
+
+
+def inspect(directory: Path, warn: Callable[[str], None] = print, deep: bool = True) -> Checkpoint:
+    """Classify a checkpoint directory; deep=False checks only that every rank's manifest is there."""
+    mtime = directory.stat().st_mtime if directory.exists() else 0.0
+    first = directory / MANIFEST.format(0)
+    head: dict[str, Any] = {}
+    try:
+        if not first.is_file():
+            return Checkpoint(directory, Status.PARTIAL, f"no {first.name}: it was not completely written",
+                              None, mtime, None)
+        try:
+            head = read_manifest(directory, 0, warn)
+        except ValueError as err:
+            return Checkpoint(directory, Status.DAMAGED, f"{first.name} is not valid JSON ({err})", None, mtime, None)
+        head.setdefault("saved_at", mtime)
+        for rank in range(head.get("world_size", 1)):
+            if not (directory / MANIFEST.format(rank)).is_file():
+                return Checkpoint(directory, Status.PARTIAL, f"lacks {MANIFEST.format(rank)}: rank {rank} did not "
+                                  "finish writing", head.get("step"), head["saved_at"], head.get("launch"))
+        if not deep:
+            return Checkpoint(directory, Status.WHOLE, None, head.get("step"), head["saved_at"], head.get("launch"))
+        for rank in range(head.get("world_size", 1)):
+            try:
+                files = read_manifest(directory, rank, warn)["files"] if rank else head["files"]
+            except (ValueError, KeyError) as err:
+                return _damaged(directory, head, f"{MANIFEST.format(rank)} is unreadable ({err!r})")
+            for rel, (size, crc) in files.items():
+                file = directory / rel
+                if not file.is_file():
+                    return _damaged(directory, head, f"{rel} is missing")
+                have_size, have_crc = _retrying(lambda: checksum(file), file, warn)
+                if have_size != size:
+                    return _damaged(directory, head, f"{rel} is truncated ({have_size} of {size} bytes)")
+                if have_crc != crc:
+                    return _damaged(directory, head, f"{rel} is corrupted (checksum mismatch)")
+        return Checkpoint(directory, Status.WHOLE, None, head.get("step"), head["saved_at"], head.get("launch"))
+    except ReadFailed as err:
+        return Checkpoint(directory, Status.UNREADABLE, f"storage could not read it ({err.strerror}); it is kept, "
+                          "try again when the storage recovers", head.get("step"), head.get("saved_at", mtime),
+                          head.get("launch"))
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The `checkpoint_*` directories of a run directory."""
+    return sorted(d for d in run_dir.glob("checkpoint_*") if d.is_dir()) if run_dir.is_dir() else []
+
+
+def survey(run_dir: Path, deep: bool = False, warn: Callable[[str], None] = print) -> list[Checkpoint]:
+    """Every checkpoint of a run directory, newest first (by when it was written)."""
+    found = [inspect(d, warn, deep) for d in checkpoint_dirs(run_dir)]
+    return sorted(found, key=lambda c: (c.saved_at, c.path.name), reverse=True)
+
+
+def newest_whole(run_dir: Path, warn: Callable[[str], None] = print, launch: Optional[str] = None,
+                 ) -> Optional[Checkpoint]:
+    """The most recently written whole checkpoint (of one launch, if given), verified newest first.
+
+    Each candidate is read once; damaged and unreadable ones met on the way are reported and marked
+    so that retention keeps them as evidence.
+    """
+    for candidate in survey(run_dir, deep=False, warn=warn):
+        if candidate.status is not Status.WHOLE or (launch is not None and candidate.launch != launch):
+            continue
+        checked = inspect(candidate.path, warn)
+        if checked.status is Status.WHOLE:
+            return checked
+        warn(f"warning: skipping {checked.path}: {checked.problem}")
+        keep(checked.path, f"{checked.status.value}: {checked.problem}")
+    return None
+
+
+def keep(directory: Path, reason: str) -> None:
+    """Exempt a checkpoint from retention (best effort: the storage may be read-only or failing)."""
+    try:
+        (directory / KEEP).write_text(reason + "\n")
+    except OSError:
+        pass
+
+
+def prune(run_dir: Path, keep_newest: int, protect: Iterable[Path] = (), since: Optional[float] = None) -> list[Path]:
+    """Retention: delete whole checkpoints beyond the newest `keep_newest`, and partial ones that are older
+    than the newest whole one or were left since `since` (the current launch's start: its writers are gone).
+
+    Never deletes a protected checkpoint or one holding a KEEP file (damaged, or resumed from
+    explicitly). Decided from the manifests alone (no shard is read). Returns what went.
+    """
+    protected = {Path(p).resolve() for p in protect}
+    listed = survey(run_dir)
+    whole = [c for c in listed if c.status is Status.WHOLE]
+    newest = whole[0].saved_at if whole else float("-inf")
+    doomed = whole[keep_newest:] + [c for c in listed if c.status is Status.PARTIAL and (
+        c.saved_at < newest or (since is not None and c.saved_at >= since))]
+    removed = []
+    for entry in doomed:
+        if entry.path.resolve() in protected or (entry.path / KEEP).exists():
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(entry.path)
+    return removed
+
+
+def not_a_checkpoint(directory: Path) -> Optional[str]:
+    """Why a path given as a checkpoint is not one (a file, a run directory), else None."""
+    if not directory.is_dir():
+        return f"{directory} is not a checkpoint directory (runs/<name>/checkpoint_<date>_<time>/)"
+    if not (directory / MANIFEST.format(0)).is_file() and checkpoint_dirs(directory):
+        inside = newest_whole(directory, warn=lambda _: None)
+        where = f"; its newest checkpoint is {inside.path}" if inside else ""
+        return f"{directory} is a run directory, not a checkpoint{where}"
+    return None
+
+
+def verify(directory: Path, warn: Callable[[str], None] = print) -> Optional[str]:
+    """None when `directory` is a whole checkpoint, else why not."""
+    problem = not_a_checkpoint(directory)
+    if problem is not None:
+        return problem
+    checked = inspect(directory, warn)
+    return None if checked.status is Status.WHOLE else f"{directory}: {checked.problem}"
