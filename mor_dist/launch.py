@@ -159,7 +159,7 @@ def launch(cfg: RunConfig, resume_from: Optional[Path] = None, start_over: bool 
         "launch_time": time.time(),
         "keep_checkpoints": cfg.run.keep_checkpoints,
     }
-    from mor_dist.train.loop import ray_worker
+    from mor_dist.train.loop import ray_worker, remove_local_copies
 
     trainer = TorchTrainer(
         ray_worker,
@@ -181,6 +181,8 @@ def launch(cfg: RunConfig, resume_from: Optional[Path] = None, start_over: bool 
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise failure_summary(err, run_dir) from err
+    finally:
+        remove_local_copies(payload["launch"])  # what this node's killed workers left
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     uri = tracking_uri(cfg, run_dir)
     if checkpoint is not None and Path(checkpoint).is_dir() and (final := read_manifest(Path(checkpoint))).get("run_id"):

@@ -36,7 +36,7 @@ def _worker(rank: int, world: int, store: str, overrides: list[str], data_dir: s
     reports: list[dict] = []
     run_dir = Path(out).parent / "run"
     hooks = Hooks(rank, lambda metrics, directory: reports.append({**metrics, "checkpoint": str(directory)}),
-                  Path(resume) if resume else None, lambda step: run_dir / f"checkpoint_{step:06d}")
+                  lambda step: run_dir / f"checkpoint_{step:06d}", Path(resume) if resume else None)
     train(cfg, Path(data_dir), vocab, run_dir, False, hooks)
     if rank == 0:
         Path(out).write_text(json.dumps(reports))

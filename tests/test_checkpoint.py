@@ -214,6 +214,7 @@ def test_a_kill_while_checkpointing_then_resume_from_an_older_checkpoint(referen
     assert sorted(by_step) == [2, 4]
     assert "worker rank 1: its process died" in summary and f"last checkpoint: {by_step[4]} (step 4)" in summary
     assert "resume: run the same command again" in summary
+    assert local_copies(run_dir) == []  # not even the killed worker's half-written one
 
     second = pretrain(*common, "train.steps=8", "--resume-from", str(by_step[2]))
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]

@@ -291,8 +291,10 @@ def test_bad_data_raises_config_error_naming_the_field(case, field, corpus, tmp_
         cfg.data.tokenizer = str(tmp_path / "no_such_tokenizer_dir")
     elif case == "too_short":
         cfg.model.seq_length, cfg.train.micro_batch_size, cfg.train.global_batch_size = 512, 8, 8
-    with pytest.raises(ConfigError, match=re.escape(field)):
+    with pytest.raises(ConfigError, match=re.escape(field)) as err:
         prepare_data(cfg, tmp_path / "cache")
+    if case == "broken":  # the bad record by file and line, not datasets' generic message
+        assert f"{tmp_path / 'broken.jsonl'} line 2 is not valid JSON" in str(err.value)
 
 
 def test_streaming_errors_are_raised_on_the_driver(tmp_path):

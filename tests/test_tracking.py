@@ -4,10 +4,10 @@ steps; an unreachable server; the comparison script."""
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -56,21 +56,16 @@ class Runner:
 
         run_dir = self.root / cfg.run.name
         train(cfg, prepared.directory, padded_vocab_size(prepared.vocab_size, 1), run_dir, False,
-              Hooks(0, report, resume, launch=launch))
+              Hooks(0, report, lambda step: Path(tempfile.mkdtemp(prefix=f"ckpt-{step}-", dir=self.root)),
+                    resume, launch))
         return run_dir
-
-    def cleanup(self) -> None:
-        for directory in self.checkpoints.values():
-            shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory, world):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        r = Runner(tmp_path_factory.mktemp("tracking"))
-        yield r
-        r.cleanup()
+        yield Runner(tmp_path_factory.mktemp("tracking"))
 
 
 @pytest.fixture(scope="module")

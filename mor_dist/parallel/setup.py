@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 
@@ -70,6 +71,7 @@ def destroy_parallel_groups() -> None:
         for group in list(dist.distributed_c10d._world.pg_map):
             if group is not dist.GroupMember.WORLD:
                 dist.destroy_process_group(group)
+    gc.collect()  # a finished model holding the old groups often sits in reference cycles; free it now
 
 
 def teardown() -> None:

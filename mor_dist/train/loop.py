@@ -37,9 +37,15 @@ from mor_dist.train.step import Stage, evaluate, train_step
 LOCAL_CHECKPOINT_PREFIX = "mor-ckpt-"
 
 
-def local_checkpoint_dir(launch: Optional[str], step: int) -> Path:
+def local_checkpoint_dir(launch: str, step: int) -> Path:
     """A fresh local directory for one rank's part of a checkpoint (Ray uploads it, then deletes it)."""
-    return Path(tempfile.mkdtemp(prefix=f"{LOCAL_CHECKPOINT_PREFIX}{launch or 'x'}-{step}-"))
+    return Path(tempfile.mkdtemp(prefix=f"{LOCAL_CHECKPOINT_PREFIX}{launch}-{step}-"))
+
+
+def remove_local_copies(launch: str) -> None:
+    """Local checkpoint copies of a launch left on this node by killed workers or a failed upload."""
+    for leftover in Path(tempfile.gettempdir()).glob(f"{LOCAL_CHECKPOINT_PREFIX}{launch}-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 @dataclass
@@ -48,10 +54,10 @@ class Hooks:
 
     world_rank: int
     report: Callable[[dict[str, float], Optional[Path]], None]
-    checkpoint: Optional[Path] = None  # a verified checkpoint directory to resume from
     # Where this rank writes the checkpoint of a step: a fresh local directory per worker for Ray
     # (report() uploads each worker's files into one storage directory), or one shared directory.
-    checkpoint_dir: Callable[[int], Path] = lambda step: local_checkpoint_dir(None, step)
+    checkpoint_dir: Callable[[int], Path]
+    checkpoint: Optional[Path] = None  # a verified checkpoint directory to resume from
     launch: Optional[str] = None  # the launch's id: checkpoints and the tracker record it
 
 
@@ -239,12 +245,6 @@ def _start_point(run_dir: Path, payload: dict[str, Any], restarted: bool) -> Opt
     return start
 
 
-def _remove_local_leftovers(launch: str) -> None:
-    """Local checkpoint copies that a killed attempt of this launch left on this node."""
-    for leftover in Path(tempfile.gettempdir()).glob(f"{LOCAL_CHECKPOINT_PREFIX}{launch}-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
 def ray_worker(payload: dict[str, Any]) -> None:
     """TorchTrainer entry point: unpack the payload, bind the loop to ray.train."""
     import ray.train
@@ -258,7 +258,7 @@ def ray_worker(payload: dict[str, Any]) -> None:
     context = ray.train.get_context()
     run_dir, launch = Path(payload["run_dir"]), payload["launch"]
     if context.get_local_rank() == 0:
-        _remove_local_leftovers(launch)
+        remove_local_copies(launch)  # what a killed attempt of this launch left on this node
     # Ray hands a checkpoint to the workers only when it restarts them after this launch reported one
     # (the driver clears the previous launch's record).
     restarted = ray.train.get_checkpoint() is not None
@@ -275,6 +275,6 @@ def ray_worker(payload: dict[str, Any]) -> None:
                 raise storage_full(run_dir, int(metrics["step"])) from err
             raise
 
-    hooks = Hooks(context.get_world_rank(), report, Path(start) if start else None,
-                  lambda step: local_checkpoint_dir(launch, step), launch)
+    hooks = Hooks(context.get_world_rank(), report, lambda step: local_checkpoint_dir(launch, step),
+                  Path(start) if start else None, launch)
     train(cfg, Path(payload["data_dir"]), payload["vocab_size"], run_dir, on_cuda, hooks)
