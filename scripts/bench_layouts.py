@@ -17,12 +17,12 @@ LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1)]
 
 def main(overrides: list[str]) -> None:
     storage = Path(tempfile.mkdtemp(prefix="mor-bench-"))
-    connect_ray(max(tp * pp * dp for tp, pp, dp in LAYOUTS))  # one local cluster with room for every layout
+    connect_ray({"CPU": max(tp * pp * dp for tp, pp, dp in LAYOUTS)})  # one local cluster with room for every layout
     rows = []
     for tp, pp, dp in LAYOUTS:
         cfg = load_config(None, ["train.steps=30", "train.log_interval=10", "train.eval_interval=-1",
                                  "train.checkpoint_interval=-1", "train.micro_batch_size=4",
-                                 "train.global_batch_size=8", "tracking.enabled=false",
+                                 "train.global_batch_size=8", "tracking.enabled=false", "parallel.oversubscribe=true",
                                  f"run.storage_path={storage}", f"run.name=tp{tp}pp{pp}dp{dp}",
                                  f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp={dp}", *overrides])
         result = launch(cfg)

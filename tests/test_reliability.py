@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mor_dist.config import ConfigError, load_config
 from mor_dist.resume import START_OVER, choose_start, start_fresh
 from mor_dist.train import catalog
-from mor_dist.train.catalog import KEEP, MANIFEST, Status, checksum, inspect, prune, write_manifest
+from mor_dist.train.catalog import KEEP, Status, checksum, inspect, prune, write_manifest
 
 CPU_ONLY = ["train.steps=4", "train.warmup_steps=1", "tracking.enabled=false"]
 
