@@ -294,7 +294,7 @@ def test_bad_data_raises_config_error_naming_the_field(case, field, corpus, tmp_
     with pytest.raises(ConfigError, match=re.escape(field)) as err:
         prepare_data(cfg, tmp_path / "cache")
     if case == "broken":  # the bad record by file and line, not datasets' generic message
-        assert f"{tmp_path / 'broken.jsonl'} line 2 is not valid JSON" in str(err.value)
+        assert f"{tmp_path / 'broken.jsonl'} line 1 is not valid JSON" in str(err.value)
 
 
 def test_streaming_errors_are_raised_on_the_driver(tmp_path):
