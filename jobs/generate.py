@@ -14,7 +14,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from mor_dist.cli import non_negative_float, non_negative_int, positive_int  # noqa: E402
-from mor_dist.config import ConfigError, load_config  # noqa: E402
+from mor_dist.config import load_config  # noqa: E402
+
+
+from mor_dist.errors import ConfigError
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

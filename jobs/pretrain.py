@@ -9,7 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from mor_dist.config import ConfigError, load_config  # noqa: E402
+from mor_dist.config import load_config  # noqa: E402
+from mor_dist.errors import ConfigError
 from mor_dist.launch import RunComplete, TrainingFailed, launch  # noqa: E402
 
 

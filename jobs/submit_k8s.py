@@ -18,6 +18,9 @@ from mor_dist.cli import positive_float  # noqa: E402
 from mor_dist.config import ConfigError  # noqa: E402
 
 
+
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line: overlay, run config, dotted overrides, namespace, name, dry run."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,12 +11,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from mor_dist.errors import ConfigError
+from mor_dist.layout import Layout, derive_layout
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_mor.yaml"
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or impossible; the message names the key and the fix."""
 
 
 @dataclass
@@ -131,7 +130,7 @@ class RunSettings:
 
 
 @dataclass
-class RunConfig:
+class JobConfig:
     """The whole run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -155,6 +154,14 @@ class RunConfig:
         if self.routing.capacities is not None:
             return list(self.routing.capacities)
         return [(n - r) / n for r in range(n)]
+
+    @property
+    def layout(self) -> Layout:
+        """The layer plan, pipeline chunks and derived counts of this config (pure; cheap to recompute)."""
+        m, p, t = self.model, self.parallel, self.train
+        return derive_layout(m.kind, m.sharing, m.num_layers, m.num_recursions, m.seq_length, m.hidden_size, p.tp,
+                             p.pp, p.dp, p.sequence_parallel, t.micro_batch_size, t.global_batch_size,
+                             self.routing.kv_sharing)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -291,7 +298,7 @@ def _read_tree(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     return _merge(_read_tree(path.parent / parent, seen + (path.resolve(),)), tree)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Load YAML (default: configs/tiny_mor.yaml), apply `key.sub=value` overrides, validate."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
     tree = _read_tree(path, seen=())
@@ -300,7 +307,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override '{item}' must look like section.key=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), raw.strip())
-    cfg = _build(RunConfig, tree, "")
+    cfg = _build(JobConfig, tree, "")
     if cfg.run.name is None:
         cfg.run.name = path.stem
     validate(cfg)
@@ -315,26 +322,6 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _validate_pipeline(cfg: RunConfig) -> None:
-    """Stages must split the layers evenly, and the interleaved schedule needs whole micro-batch groups."""
-    from mor_dist.model.sharing import layer_plan
-    from mor_dist.parallel.pipeline import is_cyclic, stage_chunks
-
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    plan = layer_plan("none", m.num_layers, 1) if m.kind == "vanilla" else \
-        layer_plan(m.sharing, m.num_layers, m.num_recursions)
-    stage_chunks(plan, 0, p.pp)  # raises ConfigError naming model.num_layers / parallel.pp
-    _require(not (m.kind != "vanilla" and cfg.routing.kv_sharing),
-             "routing.kv_sharing is not supported with parallel.pp > 1 yet (the recursion-1 cache is per "
-             "micro-batch); use parallel.pp=1 or routing.kv_sharing=false")
-    micro = t.global_batch_size // max(1, t.micro_batch_size * p.dp)
-    if is_cyclic(plan):
-        _require(micro % p.pp == 0,
-                 f"the interleaved pipeline runs micro-batches in groups of parallel.pp={p.pp}: "
-                 f"train.global_batch_size / (train.micro_batch_size * parallel.dp) = {micro} must be a multiple "
-                 f"of {p.pp}")
-
-
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@,-]{0,199}")
 
 
@@ -345,7 +332,7 @@ def _validate_run_name(name: Optional[str]) -> None:
              "or digit (it names a directory under run.storage_path), e.g. run.name=my_run")
 
 
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: JobConfig) -> None:
     """Reject impossible combinations before anything expensive starts."""
     m, r, p, t = cfg.model, cfg.routing, cfg.parallel, cfg.train
     for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
@@ -362,13 +349,11 @@ def validate(cfg: RunConfig) -> None:
     else:
         _require(m.num_recursions >= 2,
                  f"model.kind={m.kind} needs model.num_recursions >= 2 (use model.kind=vanilla for 1)")
-    if m.kind != "vanilla":
-        from mor_dist.model.sharing import layer_plan  # local import: sharing imports this module
-
-        layer_plan(m.sharing, m.num_layers, m.num_recursions)  # raises ConfigError naming the fix
+    for key in ("tp", "pp", "dp"):
+        _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    cfg.layout  # the plan, the pipeline split and the batch split; raises naming the key and the fix
     if m.kind == "mor":
-        _require(m.sharing in ("cycle", "middle_cycle"),
-                 f"model.sharing={m.sharing} cannot be routed: MoR needs cycle or middle_cycle")
         caps = cfg.capacities
         _require(len(caps) == m.num_recursions,
                  f"routing.capacities has {len(caps)} entries; it needs one per recursion ({m.num_recursions})")
@@ -378,8 +363,6 @@ def validate(cfg: RunConfig) -> None:
         _require(r.kind == "expert_choice" or not r.aux_router,
                  "routing.aux_router is an expert-choice option; set routing.kind=expert_choice")
         _require(0.0 < r.threshold < 1.0, f"routing.threshold must lie in (0, 1), got {r.threshold}")
-    for key in ("tp", "pp", "dp"):
-        _require(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     _require(m.num_attention_heads % p.tp == 0,
              f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}")
     _require(m.num_query_groups % p.tp == 0,
@@ -390,14 +373,7 @@ def validate(cfg: RunConfig) -> None:
         _require(p.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1")
         _require(m.seq_length % p.tp == 0,
                  f"model.seq_length={m.seq_length} must be divisible by parallel.tp={p.tp} for sequence parallel")
-    if p.pp > 1:
-        _validate_pipeline(cfg)
     _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
-    _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
-    per_step = t.micro_batch_size * p.dp
-    _require(t.global_batch_size % per_step == 0,
-             f"train.global_batch_size={t.global_batch_size} must be a multiple of "
-             f"train.micro_batch_size * parallel.dp = {per_step}")
     _require(0 <= t.seed < 2**32, f"train.seed must lie in [0, 2**32), got {t.seed}")
     _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr must lie in [0, train.lr], got {t.min_lr}")
@@ -426,7 +402,7 @@ STATE_KEYS = ("model.kind", "model.num_layers", "model.hidden_size", "model.num_
               "model.sharing", "model.tie_embeddings", "routing.kind", "routing.aux_router")
 
 
-def state_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+def state_changes(saved: dict[str, Any], cfg: JobConfig) -> list[str]:
     """'key: saved -> now' for every parameter-defining key where `cfg` differs from a saved config dict."""
     old, new = flatten(saved), flatten(cfg.to_dict())
     routed = new.get("model.kind") == "mor" or old.get("model.kind") == "mor"
@@ -434,9 +410,9 @@ def state_changes(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
     return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in keys if k in old and old.get(k) != new.get(k)]
 
 
-def config_from_dict(values: dict[str, Any]) -> RunConfig:
-    """Rebuild a RunConfig from `to_dict()` output (as workers receive it), validated again."""
-    cfg = _build(RunConfig, values, "")
+def config_from_dict(values: dict[str, Any]) -> JobConfig:
+    """Rebuild a JobConfig from `to_dict()` output (as workers receive it), validated again."""
+    cfg = _build(JobConfig, values, "")
     validate(cfg)
     return cfg
 

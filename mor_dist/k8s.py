@@ -21,7 +21,9 @@ from typing import Any
 
 import yaml
 
-from mor_dist.config import REPO_ROOT, ConfigError, load_config
+from mor_dist.config import REPO_ROOT, load_config
+
+from mor_dist.errors import ConfigError
 
 OVERLAYS_DIR = REPO_ROOT / "k8s" / "overlays"
 PRETRAIN = ("python", "jobs/pretrain.py")

@@ -1,5 +1,5 @@
 """Driver side: check storage and cluster, pick the start, prepare data, then TorchTrainer / ScalingConfig /
-RunConfig / FailureConfig."""
+JobConfig / FailureConfig."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from mor_dist.config import ConfigError, RunConfig
+from mor_dist.config import JobConfig
+from mor_dist.errors import ConfigError
 from mor_dist.resume import RunComplete, choose_start, start_fresh
 from mor_dist.storage import check_room, check_writable
 from mor_dist.failures import TrainingFailed, failure_summary
@@ -38,13 +39,13 @@ class LaunchResult:
     metrics: dict
 
 
-def run_paths(cfg: RunConfig) -> tuple[Path, Path]:
+def run_paths(cfg: JobConfig) -> tuple[Path, Path]:
     """(storage root, run directory) as absolute paths."""
     storage = Path(cfg.run.storage_path).expanduser().resolve()
     return storage, storage / cfg.run.name
 
 
-def wants_gpu(cfg: RunConfig, gpus: float) -> bool:
+def wants_gpu(cfg: JobConfig, gpus: float) -> bool:
     """Resolve parallel.use_gpu against the GPUs the cluster offers."""
     if cfg.parallel.use_gpu == "true":
         if gpus < 1:
@@ -55,7 +56,7 @@ def wants_gpu(cfg: RunConfig, gpus: float) -> bool:
     return gpus >= 1
 
 
-def check_fits(cfg: RunConfig, resources: dict[str, float], on_cuda: bool) -> None:
+def check_fits(cfg: JobConfig, resources: dict[str, float], on_cuda: bool) -> None:
     """tp*pp*dp workers must fit the cluster before anything starts."""
     from mor_dist.model.layers import check_options
 
@@ -70,7 +71,7 @@ def check_fits(cfg: RunConfig, resources: dict[str, float], on_cuda: bool) -> No
         check_options(cfg, on_cuda=False)
 
 
-def local_resources(cfg: RunConfig) -> dict[str, float]:
+def local_resources(cfg: JobConfig) -> dict[str, float]:
     """What a local cluster will offer: this machine's cores (or one per worker with parallel.oversubscribe) and
     GPUs. Known before it starts, so layouts that do not fit are refused first."""
     import torch
@@ -82,7 +83,7 @@ def local_resources(cfg: RunConfig) -> dict[str, float]:
     return {"CPU": float(max(cores, cfg.world_size)), "GPU": float(torch.cuda.device_count())}
 
 
-def vocab_for(cfg: RunConfig, tokenizer_vocab: int, saved: Optional[dict]) -> int:
+def vocab_for(cfg: JobConfig, tokenizer_vocab: int, saved: Optional[dict]) -> int:
     """The padded vocabulary: a resumed run keeps its checkpoint's (the embedding's shape), else the tokenizer's
     padded to a multiple of 128 * tp, as Megatron does."""
     from mor_dist.data import padded_vocab_size
@@ -117,7 +118,7 @@ def _forget_previous_launch(run_dir: Path) -> None:
     (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
 
 
-def launch(cfg: RunConfig, resume_from: Optional[Path] = None, start_over: bool = False) -> LaunchResult:
+def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool = False) -> LaunchResult:
     """Check storage and cluster, pick the start, prepare data on the driver, run the workers."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from mor_dist.config import ConfigError, RunConfig, state_changes
+from mor_dist.config import JobConfig, state_changes
+from mor_dist.errors import ConfigError
 from mor_dist.train.catalog import (KEEP, Checkpoint, Status, checkpoint_dirs, inspect, keep, newest_whole,
                                    not_a_checkpoint, read_manifest, survey)
 
@@ -46,7 +47,7 @@ def _explicit(path: Path) -> Checkpoint:
     return checked
 
 
-def _none_usable(run_dir: Path, cfg: RunConfig) -> ConfigError:
+def _none_usable(run_dir: Path, cfg: JobConfig) -> ConfigError:
     """The error for a run directory whose checkpoints are all unusable, listing each and why."""
     listed = survey(run_dir, deep=True, warn=lambda _: None)
     for entry in listed:
@@ -71,7 +72,7 @@ def has_outputs(run_dir: Path) -> bool:
     return bool(checkpoint_dirs(run_dir)) or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
-def choose_start(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path], start_over: bool) -> Start:
+def choose_start(cfg: JobConfig, run_dir: Path, resume_from: Optional[Path], start_over: bool) -> Start:
     """Verify and pick the starting checkpoint once, on the driver; refuse what cannot continue this config."""
     if resume_from is not None:
         chosen = _explicit(resume_from)
@@ -97,7 +98,7 @@ def choose_start(cfg: RunConfig, run_dir: Path, resume_from: Optional[Path], sta
     return Start(chosen.path, saved)
 
 
-def start_fresh(cfg: RunConfig, run_dir: Path) -> None:
+def start_fresh(cfg: JobConfig, run_dir: Path) -> None:
     """Before step 0: move a previous attempt's outputs aside and rename its MLflow run, so nothing is overwritten."""
     import warnings
 

@@ -6,7 +6,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mor_dist.config import ConfigError, RunConfig
+from mor_dist.config import JobConfig
+
+from mor_dist.errors import ConfigError
 
 GIB = 2**30
 
@@ -28,13 +30,13 @@ def check_writable(storage: Path) -> None:
                           "e.g. run.storage_path=runs") from err
 
 
-def checkpoint_bytes(cfg: RunConfig, parameters: int) -> int:
+def checkpoint_bytes(cfg: JobConfig, parameters: int) -> int:
     """About how large one checkpoint is: weights plus Adam's two moments (plus fp32 master weights in bf16/fp8)."""
     per_parameter = 12 if cfg.train.precision == "fp32" else 14
     return parameters * per_parameter
 
 
-def check_room(cfg: RunConfig, storage: Path, parameters: int) -> str:
+def check_room(cfg: JobConfig, storage: Path, parameters: int) -> str:
     """Refuse when one checkpoint cannot fit; else a line on the free space and what checkpoints need."""
     free = shutil.disk_usage(storage).free
     one = checkpoint_bytes(cfg, parameters)

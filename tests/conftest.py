@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mor_dist.config import load_config
-from mor_dist.parallel.setup import destroy_parallel_groups, init_model_parallel, init_single_process
+from mor_dist.parallel.setup import destroy_parallel_groups, init_single_process
 
 warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
 
@@ -49,7 +49,6 @@ def build(world):
 
     def _build(*overrides: str, vocab: int = 256):
         cfg = load_config(None, list(overrides))
-        init_model_parallel(cfg.parallel, cfg.train.seed)
         return build_model(cfg, vocab, on_cuda=False), cfg
 
     return _build

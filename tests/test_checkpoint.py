@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mor_dist.config import ConfigError, load_config
+from mor_dist.config import load_config
+from mor_dist.errors import ConfigError
 from mor_dist.train.catalog import MANIFEST, checkpoint_dirs, newest_whole, read_manifest, verify
 from multiproc import run_world
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mor_dist.config import REPO_ROOT, ConfigError, load_config, state_changes
+from mor_dist.config import REPO_ROOT, load_config, state_changes
+
+from mor_dist.errors import ConfigError
 
 PRESETS = sorted(Path("configs").glob("*.yaml"))
 

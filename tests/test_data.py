@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from mor_dist.config import ConfigError, RunConfig
+from mor_dist.config import JobConfig
+from mor_dist.errors import ConfigError
 from mor_dist.data import (PreparedData, StreamingTrainIterator, TrainIterator, load_tokenizer, padded_vocab_size,
                            prepare_data)
 from mor_dist.data.packing import TokenBuffer, join_documents
@@ -41,8 +42,8 @@ def tokenizer():
 
 
 def make_cfg(dataset: str | Path, seq_length: int = 32, mbs: int = 2, gbs: int = 4, dp: int = 1,
-             **data: object) -> RunConfig:
-    cfg = RunConfig()
+             **data: object) -> JobConfig:
+    cfg = JobConfig()
     cfg.data.dataset = str(dataset)
     for key, value in data.items():
         setattr(cfg.data, key, value)

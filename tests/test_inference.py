@@ -158,7 +158,7 @@ def test_exported_checkpoint_loads_and_generates_alike(build, tmp_path):
 
 
 def test_a_file_that_is_not_an_export_is_refused(tmp_path):
-    from mor_dist.config import ConfigError
+    from mor_dist.errors import ConfigError
 
     text = tmp_path / "README.md"
     text.write_text("# not a model\n")

@@ -20,7 +20,9 @@ import ray
 import yaml
 
 from mor_dist import k8s
-from mor_dist.config import ConfigError, load_config
+from mor_dist.config import load_config
+
+from mor_dist.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"

@@ -8,13 +8,11 @@ import torch
 from mor_dist.config import load_config
 from mor_dist.model.mor import build_model
 from mor_dist.model.routing import gather_rotary, gather_tokens
-from mor_dist.model.sharing import layer_plan
-from mor_dist.parallel.setup import init_model_parallel
+from mor_dist.layout import layer_plan
 
 
 def unique_non_embedding(name: str) -> float:
     cfg = load_config(f"configs/{name}.yaml", ["train.precision=fp32"])
-    init_model_parallel(cfg.parallel, cfg.train.seed)
     with torch.device("meta"):
         model = build_model(cfg, 49152, on_cuda=False)
     total = sum(p.numel() for p in model.parameters())

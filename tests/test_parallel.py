@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mor_dist.config import ConfigError, load_config
+from mor_dist.config import load_config
+from mor_dist.errors import ConfigError
 from multiproc import run_ranks, run_world
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1)]
@@ -42,12 +43,9 @@ def test_first_five_losses_equal_across_layouts(prepared, tmp_path, kind):
 
 
 def _stage_parameters(overrides: list[str]) -> dict:
-    from mor_dist.model.mor import build_model, model_plan
-    from mor_dist.parallel.pipeline import virtual_size
-    from mor_dist.parallel.setup import init_model_parallel
+    from mor_dist.model.mor import build_model
 
     cfg = load_config(None, overrides)
-    init_model_parallel(cfg.parallel, cfg.train.seed, virtual_size(cfg, model_plan(cfg)))
     model = build_model(cfg, 512, on_cuda=False)
     shared = {p.data_ptr() for p in model.shared_block_parameters()}
     return {

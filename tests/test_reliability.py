@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from mor_dist.config import ConfigError, load_config
+from mor_dist.config import load_config
+from mor_dist.errors import ConfigError
 from mor_dist.resume import START_OVER, choose_start, start_fresh
 from mor_dist.train import catalog
 from mor_dist.train.catalog import KEEP, Status, checksum, inspect, prune, write_manifest

@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mor_dist.config import REPO_ROOT, RunConfig, load_config
+from mor_dist.config import REPO_ROOT, JobConfig, load_config
 from mor_dist.data import padded_vocab_size, prepare_data
 from mor_dist.tracking.compare import find_runs
 from mor_dist.tracking.metadata import metric_name
@@ -40,10 +40,10 @@ class Runner:
         self.root = root
         self.checkpoints: dict[int, Path] = {}
 
-    def config(self, name: str, *overrides: str) -> RunConfig:
+    def config(self, name: str, *overrides: str) -> JobConfig:
         return load_config(None, [*TINY, f"run.name={name}", f"run.storage_path={self.root}", *overrides])
 
-    def __call__(self, cfg: RunConfig, resume: Optional[Path] = None, stop_at: Optional[int] = None,
+    def __call__(self, cfg: JobConfig, resume: Optional[Path] = None, stop_at: Optional[int] = None,
                  launch: str = "launch-1") -> Path:
         """Train in this process; calls with the same `launch` stand for one launch and Ray's restarts in it."""
         prepared = prepare_data(cfg, self.root / "cache")

@@ -8,11 +8,12 @@ from typing import Optional
 import torch
 from megatron.core.models.gpt import GPTModel
 
-from mor_dist.config import RunConfig
+from mor_dist.config import JobConfig
 from mor_dist.model.layers import layer_spec, transformer_config
+from mor_dist.parallel.setup import init_model_parallel
 
 
-def vanilla_twin(cfg: RunConfig) -> RunConfig:
+def vanilla_twin(cfg: JobConfig) -> JobConfig:
     """The run as a vanilla model: same effective depth, width, heads, FFN, sequence, batch and precision."""
     twin = copy.deepcopy(cfg)
     twin.model.kind, twin.model.num_recursions = "vanilla", 1
@@ -35,9 +36,11 @@ class GPTBaseline(GPTModel):
         return super().forward(input_ids, position_ids=None, attention_mask=None, labels=labels)
 
 
-def build_baseline(cfg: RunConfig, vocab_size: int, on_cuda: bool) -> GPTBaseline:
-    """GPTModel with the TE spec on CUDA (local spec on CPU) at the shape of `cfg`'s vanilla twin."""
+def build_baseline(cfg: JobConfig, vocab_size: int, on_cuda: bool) -> GPTBaseline:
+    """megatron's parallel state, then GPTModel with the TE spec on CUDA (local spec on CPU) at the shape of
+    `cfg`'s vanilla twin."""
     twin = vanilla_twin(cfg)
+    init_model_parallel(twin.parallel, twin.train.seed)
     m = twin.model
     model = GPTBaseline(
         config=transformer_config(twin, on_cuda),

@@ -18,28 +18,28 @@ import torch
 
 from mor_dist.cli import positive_float, positive_int
 from mor_dist.bench import corpus
-from mor_dist.bench.harness import Trainable, corpus_batches, init_world
+from mor_dist.bench.harness import corpus_batches, init_world
 from mor_dist.bench.report import append_under, block, environment
-from mor_dist.config import DEFAULT_CONFIG, ConfigError, RunConfig, load_config
-from mor_dist.model.mor import MoRModel, build_model
-from mor_dist.parallel.setup import init_model_parallel
+from mor_dist.config import DEFAULT_CONFIG, JobConfig, load_config
+from mor_dist.errors import ConfigError
+from mor_dist.model.mor import MoRModel
+from mor_dist.train.step import train_step
+from mor_dist.train.trainable import Trainable
 
 
-def check_config(path: Path, steps: int, micro_batch: int, precision: str, overrides: list[str]) -> RunConfig:
+def check_config(path: Path, steps: int, micro_batch: int, precision: str, overrides: list[str]) -> JobConfig:
     """The config trained for `steps` steps of one micro-batch (warm-up a tenth), at this precision."""
     return load_config(path, overrides + [f"train.precision={precision}", f"train.steps={steps}",
                                           f"train.warmup_steps={steps // 10}", f"train.micro_batch_size={micro_batch}",
                                           f"train.global_batch_size={micro_batch}", "tracking.enabled=false"])
 
 
-def train_curve(cfg: RunConfig, steps: int) -> tuple[list[float], MoRModel]:
+def train_curve(cfg: JobConfig, steps: int) -> tuple[list[float], MoRModel]:
     """LM loss at every step on the shipped corpus (fixed order), and the trained model."""
     rows, vocab = corpus.load(cfg.model.seq_length)
-    init_model_parallel(cfg.parallel, cfg.train.seed)
-    model = build_model(cfg, vocab, on_cuda=True)
-    run = Trainable.wrap(cfg, model, on_cuda=True)
+    run = Trainable.build(cfg, vocab, on_cuda=True)
     batches = corpus_batches(rows, cfg.train.micro_batch_size, cfg.train.seed, torch.device("cuda"))
-    return [run.step(batches)["lm_loss"] for _ in range(steps)], model
+    return [train_step(run, batches)["lm_loss"] for _ in range(steps)], run.model
 
 
 def curve_gap(reference: list[float], other: list[float], window: int = 10) -> float:

@@ -8,17 +8,16 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core.distributed import finalize_model_grads
 
-from mor_dist.config import RunConfig
+from mor_dist.config import JobConfig
 from mor_dist.parallel.setup import init_single_process, teardown
-from mor_dist.train.optim import build_optimizer, wrap_ddp
-from mor_dist.train.step import Stage, train_step
+from mor_dist.train.step import train_step
+from mor_dist.train.trainable import Trainable
 
 Batch = dict[str, torch.Tensor]
 
@@ -44,7 +43,7 @@ def rows_to_batch(rows: torch.Tensor) -> Batch:
     return {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(labels.shape, device=rows.device)}
 
 
-def synthetic_batches(cfg: RunConfig, vocab: int, device: torch.device, count: int = 4) -> Iterator[Batch]:
+def synthetic_batches(cfg: JobConfig, vocab: int, device: torch.device, count: int = 4) -> Iterator[Batch]:
     """Endless uniform-random micro-batches (a fixed few, cycled), already on the device."""
     gen = torch.Generator().manual_seed(cfg.train.seed)
     shape = (cfg.train.micro_batch_size, cfg.model.seq_length + 1)
@@ -60,32 +59,6 @@ def corpus_batches(rows: np.ndarray, micro_batch: int, seed: int, device: torch.
         for start in range(0, len(order) - micro_batch + 1, micro_batch):
             chunk = np.sort(order[start:start + micro_batch])
             yield rows_to_batch(torch.from_numpy(np.asarray(rows[chunk], dtype=np.int64)).to(device))
-
-
-@dataclass
-class Trainable:
-    """A model behind megatron DDP with its optimizer and scheduler, as the worker loop sets them up."""
-
-    cfg: RunConfig
-    stage: Stage
-    optimizer: Any
-    scheduler: Any
-
-    @classmethod
-    def wrap(cls, cfg: RunConfig, model: torch.nn.Module, on_cuda: bool) -> "Trainable":
-        ddp = wrap_ddp(cfg, model, on_cuda)
-        optimizer, scheduler = build_optimizer(cfg, [ddp], on_cuda)
-        model.config.finalize_model_grads_func = lambda _chunks, num_tokens=None, **kw: finalize_model_grads(
-            [ddp], num_tokens, **kw)
-        model.config.no_sync_func = ddp.no_sync
-        model.config.grad_scale_func = optimizer.scale_loss
-        return cls(cfg, Stage.build(cfg, ddp), optimizer, scheduler)
-
-    def step(self, batches: Iterator[Batch]) -> dict[str, float]:
-        """One optimizer step over the run's micro-batches; local metrics (lm_loss, grad_norm, ...)."""
-        t = self.cfg.train
-        return train_step(self.stage, self.optimizer, self.scheduler, batches,
-                          t.global_batch_size // t.micro_batch_size, t.micro_batch_size)
 
 
 @dataclass(frozen=True)
@@ -126,11 +99,11 @@ def timed_steps(run: Trainable, batches: Iterator[Batch], warmup: int, steps: in
                 start_bytes: int = 0) -> Timing:
     """`warmup` untimed steps, then `steps` timed ones; memory counted above `start_bytes` (reset_memory's)."""
     for _ in range(warmup):
-        run.step(batches)
+        train_step(run, batches)
     _sync(on_cuda)
     start = time.perf_counter()
     for _ in range(steps):
-        run.step(batches)
+        train_step(run, batches)
     _sync(on_cuda)
     elapsed = time.perf_counter() - start
     t = run.cfg.train

@@ -22,14 +22,14 @@ import torch
 
 from mor_dist.cli import non_negative_int, positive_int
 from mor_dist.bench.baseline import build_baseline, vanilla_twin
-from mor_dist.bench.harness import Trainable, init_world, reset_memory, synthetic_batches, timed_steps
+from mor_dist.bench.harness import init_world, reset_memory, synthetic_batches, timed_steps
 from mor_dist.bench.report import GPU_MISSING, Row, append_under, block, environment, table
-from mor_dist.config import DEFAULT_CONFIG, ConfigError, RunConfig, load_config, validate
+from mor_dist.config import DEFAULT_CONFIG, JobConfig, load_config, validate
+from mor_dist.errors import ConfigError
 from mor_dist.model.flops import forward_flops_per_token
-from mor_dist.model.mor import build_model, model_plan
-from mor_dist.parallel.pipeline import virtual_size
-from mor_dist.parallel.setup import init_model_parallel
+from mor_dist.model.mor import build_model
 from mor_dist.tracking.perf import peak_flops
+from mor_dist.train.trainable import Trainable
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -50,7 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def bench_config(path: Path, args: argparse.Namespace) -> RunConfig:
+def bench_config(path: Path, args: argparse.Namespace) -> JobConfig:
     """The config with the benchmark's step count and one micro-batch group per step, in one process."""
     cfg = load_config(path, args.overrides)
     p = cfg.parallel
@@ -63,17 +63,16 @@ def bench_config(path: Path, args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def precision_label(cfg: RunConfig) -> str:
+def precision_label(cfg: JobConfig) -> str:
     t = cfg.train
     return f"fp8-{t.fp8_recipe}" if t.precision == "fp8" else t.precision
 
 
-def measure(name: str, implementation: str, cfg: RunConfig, build: Callable[[], torch.nn.Module], vocab: int,
+def measure(name: str, implementation: str, cfg: JobConfig, build: Callable[[], torch.nn.Module], vocab: int,
             args: argparse.Namespace, on_cuda: bool) -> Row:
     """Build, train warm-up + timed steps, free; `cfg` is the config whose executed FLOPs the model runs."""
     start = reset_memory(on_cuda)
-    init_model_parallel(cfg.parallel, cfg.train.seed, virtual_size(cfg, model_plan(cfg)))
-    run = Trainable.wrap(cfg, build(), on_cuda)
+    run = Trainable.around(cfg, build(), on_cuda)
     device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
     timing = timed_steps(run, synthetic_batches(cfg, vocab, device), args.warmup, args.steps, on_cuda, start)
     del run
@@ -84,11 +83,11 @@ def measure(name: str, implementation: str, cfg: RunConfig, build: Callable[[], 
                timing.peak_mem_gib)
 
 
-def vocab_size(cfg: RunConfig, args: argparse.Namespace, on_cuda: bool) -> int:
+def vocab_size(cfg: JobConfig, args: argparse.Namespace, on_cuda: bool) -> int:
     return cfg.model.vocab_size or args.vocab or (49152 if on_cuda else 512)
 
 
-def shape(cfg: RunConfig) -> tuple:
+def shape(cfg: JobConfig) -> tuple:
     """What the GPTModel baseline depends on: shape, batch and precision settings."""
     m, t = cfg.model, cfg.train
     return (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size, m.seq_length,
@@ -96,7 +95,7 @@ def shape(cfg: RunConfig) -> tuple:
             t.fp8_recipe, t.recompute, t.fused_kernels)
 
 
-def run(cfgs: list[tuple[str, RunConfig]], args: argparse.Namespace, on_cuda: bool) -> list[Row]:
+def run(cfgs: list[tuple[str, JobConfig]], args: argparse.Namespace, on_cuda: bool) -> list[Row]:
     """Every config, each preceded by its GPTModel baseline (once per shape) when asked."""
     rows: list[Row] = []
     baselines: dict[tuple, Row] = {}
@@ -111,7 +110,7 @@ def run(cfgs: list[tuple[str, RunConfig]], args: argparse.Namespace, on_cuda: bo
                                          lambda: build_baseline(cfg, vocab, on_cuda), vocab, args, on_cuda)
                 rows.append(baselines[key])
             base = baselines[key]
-        row = measure(f"{name} ({model_plan(cfg).describe()})", "mor-dist MoRModel", cfg,
+        row = measure(f"{name} ({cfg.layout.plan.describe()})", "mor-dist MoRModel", cfg,
                       lambda: build_model(cfg, vocab, on_cuda), vocab, args, on_cuda)
         if base is not None:
             memory = row.peak_mem_gib / base.peak_mem_gib if on_cuda else None  # CPU: one process-wide high-water mark

@@ -6,7 +6,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
-from mor_dist.config import ConfigError
+from mor_dist.errors import ConfigError
 
 PROBE_TIMEOUT_S = 5.0
 

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from mor_dist.config import ConfigError, RunConfig
+from mor_dist.config import JobConfig
+from mor_dist.errors import ConfigError
 from mor_dist.data.cache import FORMAT, cache_key, publish, read_manifest, staging_directory
 from mor_dist.data.iterator import TrainIterator, validation_batches
 from mor_dist.data.packing import TokenBuffer, join_documents, token_dtype
@@ -91,7 +92,7 @@ def _tokenize(batch: dict[str, list[Any]], tokenizer: Tokenizer, column: str) ->
     return {"ids": [np.asarray(x, dtype=np.int32) for x in ids], "length": [len(x) for x in ids]}
 
 
-def _check_sizes(cfg: RunConfig, train_rows: int | None, validation_rows: int) -> None:
+def _check_sizes(cfg: JobConfig, train_rows: int | None, validation_rows: int) -> None:
     """Enough packed rows for training and for one validation micro-batch on every DP rank."""
     seq = cfg.model.seq_length
     if train_rows == 0:
@@ -119,7 +120,7 @@ def _write_rows(tokenized: Dataset, documents: np.ndarray, rows: int, eos_id: in
     out.flush()
 
 
-def _prepare_packed(cfg: RunConfig, source: Source, dataset: Dataset, tokenizer: Tokenizer,
+def _prepare_packed(cfg: JobConfig, source: Source, dataset: Dataset, tokenizer: Tokenizer,
                     staging: Path) -> dict[str, Any]:
     """Tokenize, split by document, pack both splits into staging; returns the manifest's counts."""
     data, row_length = cfg.data, cfg.model.seq_length + 1
@@ -146,7 +147,7 @@ def _prepare_packed(cfg: RunConfig, source: Source, dataset: Dataset, tokenizer:
             "num_sequences": rows}
 
 
-def _prepare_streaming(cfg: RunConfig, source: Source, tokenizer: Tokenizer, num_rows: int,
+def _prepare_streaming(cfg: JobConfig, source: Source, tokenizer: Tokenizer, num_rows: int,
                        staging: Path) -> dict[str, Any]:
     """Collect the first held-out rows of the stream (training is packed on the fly by the workers)."""
     rows = validation_rows(source, tokenizer, cfg.model.seq_length, cfg.data.validation_fraction, cfg.train.seed,
@@ -156,7 +157,7 @@ def _prepare_streaming(cfg: RunConfig, source: Source, tokenizer: Tokenizer, num
     return {"num_sequences": {"train": None, "validation": len(rows)}}
 
 
-def prepare_data(cfg: RunConfig, cache_dir: str | Path) -> PreparedData:
+def prepare_data(cfg: JobConfig, cache_dir: str | Path) -> PreparedData:
     """Validate `data.*`, then tokenize, split and pack into `cache_dir` once (reused while the inputs match)."""
     data = cfg.data
     source = resolve_source(data)

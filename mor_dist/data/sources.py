@@ -11,7 +11,8 @@ from typing import Any
 
 from datasets import Dataset, IterableDataset, load_dataset
 
-from mor_dist.config import ConfigError, DataConfig
+from mor_dist.config import DataConfig
+from mor_dist.errors import ConfigError
 from mor_dist.data.hub import require_hub
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "bundled" / "corpus"

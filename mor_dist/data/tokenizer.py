@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as BackendTokenizer
 
-from mor_dist.config import ConfigError
+from mor_dist.errors import ConfigError
 from mor_dist.data.hub import require_hub
 
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "bundled" / "tokenizer" / "tokenizer.json"

@@ -25,7 +25,7 @@ import torch
 
 from mor_dist.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from mor_dist.bench.report import GPU_MISSING, append_under, block, environment
-from mor_dist.config import REPO_ROOT, RunConfig, load_config
+from mor_dist.config import REPO_ROOT, JobConfig, load_config
 from mor_dist.inference.engine import Engine
 from mor_dist.inference.generation import build_single
 from mor_dist.inference.sampling import Sampler
@@ -62,7 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def configs(args: argparse.Namespace, n: int) -> tuple[RunConfig, RunConfig]:
+def configs(args: argparse.Namespace, n: int) -> tuple[JobConfig, JobConfig]:
     """MoR-N and vanilla of the same depth (34 layers for MoR-4, as the paper)."""
     extra = (TINY if args.preset == "tiny" else []) + args.overrides
     share = [f"routing.kv_sharing={str(args.kv_sharing).lower()}"]

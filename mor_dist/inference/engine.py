@@ -17,7 +17,6 @@ from mor_dist.inference.rules import make_rule
 from mor_dist.inference.tokens import Tokens, concat
 from mor_dist.model.kv_cache import CacheGroup, CacheLayout, KVCache
 from mor_dist.model.mor import MoRModel
-from mor_dist.parallel.pipeline import is_cyclic
 
 
 class Engine:
@@ -33,8 +32,6 @@ class Engine:
         if not (model.pre_process and model.post_process) or model.config.tensor_model_parallel_size != 1:
             raise ValueError("generation runs an unsharded model (parallel.tp=1, parallel.pp=1)")
         plan, cfg = model.plan, model.cfg
-        if model.routed and not is_cyclic(plan):
-            raise ValueError(f"MoR generation needs a cycle layout, not {plan.sharing}")
         self.model, self.rows, self.max_len = model.eval(), rows, max_len
         self.n = plan.num_recursions
         self.prefix = plan.prefix if model.routed else plan.unrolled

@@ -7,26 +7,25 @@ from typing import Optional
 
 import torch
 
-from mor_dist.config import ConfigError, RunConfig, config_from_dict
+from mor_dist.config import JobConfig, config_from_dict
+from mor_dist.errors import ConfigError
 from mor_dist.inference.engine import Engine
 from mor_dist.inference.sampling import Sampler
 from mor_dist.inference.scheduler import Request, RunStats, Scheduler
-from mor_dist.model.mor import MoRModel
+from mor_dist.model.mor import MoRModel, build_model
 
 
-def build_single(cfg: RunConfig, vocab_size: int, on_cuda: bool) -> MoRModel:
+def build_single(cfg: JobConfig, vocab_size: int, on_cuda: bool) -> MoRModel:
     """An unsharded model in a world of one process (tp = pp = 1), in eval mode."""
-    from mor_dist.model.mor import build_model
-    from mor_dist.parallel.setup import init_model_parallel, init_single_process
+    from mor_dist.parallel.setup import init_single_process
 
     if cfg.parallel.tp != 1 or cfg.parallel.pp != 1:
         raise ConfigError("generation runs one process: set parallel.tp=1 parallel.pp=1 parallel.dp=1")
     init_single_process()
-    init_model_parallel(cfg.parallel, cfg.train.seed)
     return build_model(cfg, vocab_size, on_cuda).eval()
 
 
-def load_checkpoint(path: Path, on_cuda: bool = False) -> tuple[MoRModel, RunConfig]:
+def load_checkpoint(path: Path, on_cuda: bool = False) -> tuple[MoRModel, JobConfig]:
     """(model, cfg) from an exported file {"config", "vocab_size", "model"} of an unsharded MoRModel."""
     if not Path(path).is_file():
         raise ConfigError(f"--checkpoint {path} is not a file (export one with jobs/export.py)")
@@ -60,7 +59,7 @@ def generate(model: MoRModel, prompts: list[list[int]], max_new_tokens: int, sam
     return stats.outputs, stats, engine
 
 
-def generate_text(prompt: str, cfg: Optional[RunConfig] = None, checkpoint: Optional[Path] = None,
+def generate_text(prompt: str, cfg: Optional[JobConfig] = None, checkpoint: Optional[Path] = None,
                   max_new_tokens: int = 64, sampler: Optional[Sampler] = None, stop_at_eos: bool = False,
                   on_cuda: bool = False) -> str:
     """Prompt text -> generated text, from an exported checkpoint or a fresh model of `cfg`."""

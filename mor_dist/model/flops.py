@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mor_dist.config import RunConfig
+from mor_dist.config import JobConfig
 from mor_dist.model.routing import capacity_tokens
-from mor_dist.model.sharing import layer_plan
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,7 @@ class Flops:
         return 3.0 * self.total
 
 
-def layer_matmul_params(cfg: RunConfig) -> int:
+def layer_matmul_params(cfg: JobConfig) -> int:
     """Weights one transformer layer multiplies by (q, k, v, o projections and the SwiGLU MLP)."""
     m = cfg.model
     head = m.hidden_size // m.num_attention_heads
@@ -34,12 +33,12 @@ def layer_matmul_params(cfg: RunConfig) -> int:
     return m.hidden_size * (2 * q_dim + 2 * kv_dim) + 3 * m.hidden_size * m.ffn_hidden_size
 
 
-def recursion_tokens(cfg: RunConfig, seq_len: int) -> list[int]:
+def recursion_tokens(cfg: JobConfig, seq_len: int) -> list[int]:
     """Tokens that run each recursion of a sequence (token-choice assumes perfect balance)."""
     return [capacity_tokens(c, seq_len) for c in cfg.capacities]
 
 
-def forward_flops_per_token(cfg: RunConfig, vocab_size: int, seq_len: int | None = None) -> Flops:
+def forward_flops_per_token(cfg: JobConfig, vocab_size: int, seq_len: int | None = None) -> Flops:
     """2 x matmul parameters per processed token plus causal attention, averaged over the sequence."""
     m = cfg.model
     n = seq_len or m.seq_length
@@ -51,13 +50,13 @@ def forward_flops_per_token(cfg: RunConfig, vocab_size: int, seq_len: int | None
 
     matmul = 2.0 * m.hidden_size * vocab_size * n  # output layer
     attn = 0.0
-    if m.kind != "mor":
-        depth = len(layer_plan(m.sharing, m.num_layers, m.num_recursions).unrolled) if m.kind != "vanilla" \
-            else m.num_layers
+    layout = cfg.layout
+    plan = layout.plan
+    if not layout.routed:
+        depth = len(plan.unrolled)
         matmul += per_layer * depth * n
         attn += depth * attention(n, (n + 1) / 2)
     else:
-        plan = layer_plan(m.sharing, m.num_layers, m.num_recursions)
         unique = len(plan.prefix) + len(plan.suffix)
         matmul += per_layer * unique * n
         attn += unique * attention(n, (n + 1) / 2)

@@ -24,7 +24,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mor_dist.config import ConfigError, RunConfig
+from mor_dist.config import JobConfig
+from mor_dist.errors import ConfigError
 from mor_dist.model.kv_sharing import with_kv_sharing
 
 FP8_MULTIPLE = 16  # TE FP8 GEMMs: token count and feature sizes divisible by 16
@@ -59,7 +60,7 @@ def te_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-def params_dtype(cfg: RunConfig) -> torch.dtype:
+def params_dtype(cfg: JobConfig) -> torch.dtype:
     return torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
 
 
@@ -75,7 +76,7 @@ def fp8_unsupported(recipe: str, capability: tuple[int, int], cuda: Optional[str
     return None
 
 
-def check_options(cfg: RunConfig, on_cuda: bool) -> None:
+def check_options(cfg: JobConfig, on_cuda: bool) -> None:
     """Refuse precision and recomputation settings this model or device cannot run, naming the key to change."""
     m, t = cfg.model, cfg.train
     if t.precision == "fp8":
@@ -104,13 +105,13 @@ def check_options(cfg: RunConfig, on_cuda: bool) -> None:
                           "use train.recompute=full or none on CPU")
 
 
-def token_multiple(cfg: RunConfig) -> int:
+def token_multiple(cfg: JobConfig) -> int:
     """Per-recursion token counts are rounded to this: 16 for FP8 GEMMs, the TP size under sequence parallelism."""
     return math.lcm(FP8_MULTIPLE if cfg.train.precision == "fp8" else 1,
                     cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
 
 
-def transformer_config(cfg: RunConfig, on_cuda: bool, virtual_size: int | None = None) -> TransformerConfig:
+def transformer_config(cfg: JobConfig, on_cuda: bool, virtual_size: int | None = None) -> TransformerConfig:
     """One TransformerConfig for every layer: Llama-style (RMSNorm, SwiGLU, RoPE, GQA, no biases)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     check_options(cfg, on_cuda)
@@ -158,7 +159,7 @@ def transformer_config(cfg: RunConfig, on_cuda: bool, virtual_size: int | None =
     )
 
 
-def layer_spec(cfg: RunConfig, on_cuda: bool) -> ModuleSpec:
+def layer_spec(cfg: JobConfig, on_cuda: bool) -> ModuleSpec:
     """TE spec on CUDA with transformer-engine, else the local spec with a norm that supports SP.
 
     KV sharing substitutes recursion-1 keys under an arbitrary boolean mask, which TE's fused

@@ -17,10 +17,12 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mor_dist.config import RunConfig
-from mor_dist.model.carry import Carry, pack_expert, pack_token, unpack_expert, unpack_token
+from mor_dist.config import JobConfig
+from mor_dist.layout import ChunkPlan, Layout
+from mor_dist.model.message import Carry, pack_expert, pack_token, unpack_expert, unpack_token
 from mor_dist.model.kv_sharing import KVSharingState
 from mor_dist.model.layers import final_norm, fp8_pad_rows, fp8_region, layer_call
+from mor_dist.parallel.setup import init_model_parallel
 from mor_dist.model.routing import (
     AuxLossAttacher,
     ExpertChoiceRouter,
@@ -31,24 +33,6 @@ from mor_dist.model.routing import (
     ragged_indices,
     scatter_add_tokens,
 )
-from mor_dist.model.sharing import LayerPlan, layer_plan
-from mor_dist.parallel.pipeline import (
-    VirtualStage,
-    is_cyclic,
-    meta_rows,
-    stage_chunks,
-    stage_slots,
-    virtual_size,
-)
-
-
-def model_plan(cfg: RunConfig) -> LayerPlan:
-    """The run's layer plan (vanilla: every layer unique)."""
-    m = cfg.model
-    if m.kind == "vanilla":
-        return layer_plan("none", m.num_layers, 1)
-    return layer_plan(m.sharing, m.num_layers, m.num_recursions)
-
 
 class LayerSlots(torch.nn.ModuleList):
     """The unique layers; checkpoint keys use each layer's global slot (layer_number - 1)."""
@@ -75,21 +59,23 @@ def seeded(seed: int, name: str):
 class MoRModel(LanguageModule):
     """Vanilla, recursive and MoR language models from one code path (sequence-first tensors).
 
-    The model is a list of chunks (parallel/pipeline.py): with one pipeline stage, forward() runs
-    them in order; with several, each stage holds its own chunks and the schedule runs them.
+    The model is a list of chunks (`layout`): with one pipeline stage, forward() runs them in
+    order; with several, each stage holds its own chunks and the schedule runs them (run_chunk).
     """
 
-    def __init__(self, config: TransformerConfig, cfg: RunConfig, spec: ModuleSpec, vocab_size: int,
-                 on_cuda: bool = False, token_multiple: int = 1, pp_rank: int = 0, pp_size: int = 1) -> None:
+    def __init__(self, config: TransformerConfig, cfg: JobConfig, layout: Layout, spec: ModuleSpec,
+                 vocab_size: int, on_cuda: bool = False, token_multiple: int = 1, pp_rank: int = 0) -> None:
         super().__init__(config=config)
         self.vp_size = None  # one module holds all of this stage's virtual chunks (PipelineChunk views)
         self.cfg = cfg
+        self.layout = layout
         m = cfg.model
-        self.plan: LayerPlan = model_plan(cfg)
-        self.chunks = stage_chunks(self.plan, pp_rank, pp_size)
+        self.plan = layout.plan
+        self.routed = layout.routed
+        self.chunks = layout.chunks(pp_rank)
         self.vocab_size = vocab_size
         self.model_type = ModelType.encoder_or_decoder
-        self.pre_process, self.post_process = pp_rank == 0, pp_rank == pp_size - 1
+        self.pre_process, self.post_process = pp_rank == 0, pp_rank == layout.pp - 1
         self.share_embeddings_and_output_weights = m.tie_embeddings
         self.sequence_parallel = config.sequence_parallel
         seed = cfg.train.seed
@@ -99,7 +85,7 @@ class MoRModel(LanguageModule):
                                                         position_embedding_type="rope")
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                               rotary_base=int(m.rotary_base), use_cpu_initialization=True)
-        slots = stage_slots(self.plan, pp_rank, pp_size)
+        slots = layout.slots(pp_rank)
         layers = []
         for slot in slots:
             with seeded(seed, f"layer{slot}"):
@@ -109,13 +95,12 @@ class MoRModel(LanguageModule):
         self.layers = LayerSlots(layers)
         self.slot_index = {slot: i for i, slot in enumerate(slots)}
         self.router: Optional[torch.nn.Module] = None
-        if m.kind == "mor" and self.pre_process:
+        if self.routed and self.pre_process:
             with seeded(seed, "router"):
                 if cfg.routing.kind == "expert_choice":
                     self.router = ExpertChoiceRouter(config, cfg.routing, cfg.capacities, token_multiple)
                 else:
                     self.router = TokenChoiceRouter(config, cfg.routing, m.num_recursions)
-        self.routed = m.kind == "mor"
         if self.post_process:
             self.final_layernorm = final_norm(config, on_cuda)
             with seeded(seed, "output_layer"):
@@ -171,7 +156,7 @@ class MoRModel(LanguageModule):
 
     # ------------------------------------------------------------ recursion chunks
 
-    def _block_part(self, vs: VirtualStage, carry: Carry, freqs: torch.Tensor) -> Optional[torch.Tensor]:
+    def _block_part(self, vs: ChunkPlan, carry: Carry, freqs: torch.Tensor) -> Optional[torch.Tensor]:
         """This chunk's layers on the in-flight tokens; their full-length output if the recursion ends here."""
         self._set_kv_mode(vs.recursion, carry.sel)
         x = self._run(vs.layers, carry.x, gather_rotary(freqs, carry.sel.indices))
@@ -180,7 +165,7 @@ class MoRModel(LanguageModule):
             return None
         return self._full(x)
 
-    def _expert_chunk(self, vs: VirtualStage, carry: Carry, freqs: torch.Tensor, causal: bool) -> Carry:
+    def _expert_chunk(self, vs: ChunkPlan, carry: Carry, freqs: torch.Tensor, causal: bool) -> Carry:
         """Part of one expert-choice recursion: route (stage 0), shared layers, h + w * f(h) (last stage)."""
         r = vs.recursion
         if vs.route:
@@ -205,7 +190,7 @@ class MoRModel(LanguageModule):
         carry.prev, carry.sel, carry.x = sel, None, None
         return carry
 
-    def _token_chunk(self, vs: VirtualStage, carry: Carry, freqs: torch.Tensor) -> Carry:
+    def _token_chunk(self, vs: ChunkPlan, carry: Carry, freqs: torch.Tensor) -> Carry:
         """Part of one token-choice recursion; a token's state is the block output until it exits."""
         r = vs.recursion
         if vs.route and r == 0:
@@ -232,12 +217,12 @@ class MoRModel(LanguageModule):
 
     # ------------------------------------------------------------ forward
 
-    def forward_chunk(self, vs: VirtualStage, carry: Optional[Carry], input_ids: Optional[torch.Tensor],
+    def forward_chunk(self, vs: ChunkPlan, carry: Optional[Carry], input_ids: Optional[torch.Tensor],
                       labels: Optional[torch.Tensor], causal: bool):
         """Run one chunk; returns the Carry for the next chunk, or the loss/logits after the last."""
         s = input_ids.shape[1] if input_ids is not None else self.cfg.model.seq_length
         freqs = self.rotary_pos_emb(s)  # [s, 1, 1, d]
-        cyclic = is_cyclic(self.plan)
+        cyclic = self.plan.cyclic
         if vs.first:
             h = self.embedding(input_ids=input_ids, position_ids=None)  # [s(/tp), b, d]
             if cyclic:
@@ -269,12 +254,12 @@ class MoRModel(LanguageModule):
         """A Carry as one fixed-shape pipeline message (sequence-parallel shard when SP is on)."""
         if not self.routed:
             return carry.h
-        rows = meta_rows(self.cfg)
+        rows = self.layout.meta_rows
         msg = pack_token(carry, self._full, rows) if self.cfg.routing.kind == "token_choice" \
             else pack_expert(carry, self._full, rows)
         return self._shard(msg)
 
-    def unpack(self, msg: torch.Tensor, vs: VirtualStage) -> Carry:
+    def unpack(self, msg: torch.Tensor, vs: ChunkPlan) -> Carry:
         """The Carry a received message stands for."""
         if not self.routed:
             return Carry(h=msg)
@@ -282,6 +267,15 @@ class MoRModel(LanguageModule):
         if self.cfg.routing.kind == "token_choice":
             return unpack_token(msg, vs, seq, self._shard)
         return unpack_expert(msg, vs, seq, self._shard)
+
+    def run_chunk(self, chunk: ChunkPlan, message: Optional[torch.Tensor], input_ids: torch.Tensor,
+                  labels: Optional[torch.Tensor]):
+        """One chunk as a pipeline stage runs it: the received message in, the message to send (or the loss) out."""
+        self.router_stats, self.token_depths = {}, None
+        causal = not self.training and self.cfg.routing.inference_rule == "threshold"
+        carry = None if chunk.first else self.unpack(message, chunk)
+        out = self.forward_chunk(chunk, carry, input_ids, labels, causal)
+        return out if chunk.last else self.pack(out)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Unused with one stage (PipelineChunk takes the schedule's input for each chunk)."""
@@ -305,15 +299,14 @@ class MoRModel(LanguageModule):
         return carry
 
 
-def build_model(cfg: RunConfig, vocab_size: int, on_cuda: bool) -> MoRModel:
-    """The run's model on this rank (parallel_state must be initialised)."""
+def build_model(cfg: JobConfig, vocab_size: int, on_cuda: bool) -> MoRModel:
+    """megatron's parallel state for cfg's layout (over the existing process group), then this rank's model."""
     from mor_dist.model.layers import layer_spec, token_multiple, transformer_config
 
     from megatron.core import parallel_state
 
-    plan = model_plan(cfg)
-    config = transformer_config(cfg, on_cuda, virtual_size(cfg, plan))
-    model = MoRModel(config, cfg, layer_spec(cfg, on_cuda), vocab_size, on_cuda, token_multiple(cfg),
-                     parallel_state.get_pipeline_model_parallel_rank(),
-                     parallel_state.get_pipeline_model_parallel_world_size())
+    layout = cfg.layout
+    init_model_parallel(cfg.parallel, cfg.train.seed, layout.virtual_size)
+    model = MoRModel(transformer_config(cfg, on_cuda, layout.virtual_size), cfg, layout, layer_spec(cfg, on_cuda),
+                     vocab_size, on_cuda, token_multiple(cfg), parallel_state.get_pipeline_model_parallel_rank())
     return model.cuda() if on_cuda else model

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mor_dist.config import RunConfig
+from mor_dist.config import JobConfig
 from mor_dist.model.flops import forward_flops_per_token, recursion_tokens
-from mor_dist.model.sharing import layer_plan
 
 
 @dataclass(frozen=True)
@@ -24,10 +23,10 @@ class ModelSummary:
     flops_per_token: float
     recursion_tokens: list[int]
 
-    def lines(self, cfg: RunConfig) -> list[str]:
+    def lines(self, cfg: JobConfig) -> list[str]:
         m = cfg.model
         routing = f"{cfg.routing.kind}, kv {'shared' if cfg.routing.kv_sharing else 'recursion-wise'}" \
-            if m.kind == "mor" else "none"
+            if cfg.layout.routed else "none"
         return [
             f"model            {m.kind} (N_r={m.num_recursions}, routing: {routing})",
             f"layout           {self.layout}",
@@ -42,25 +41,24 @@ class ModelSummary:
         ]
 
 
-def summarize(cfg: RunConfig, vocab_size: int) -> ModelSummary:
+def summarize(cfg: JobConfig, vocab_size: int) -> ModelSummary:
     """Build the model on the meta device (no memory, no init) and count."""
     from mor_dist.model.mor import build_model
-    from mor_dist.parallel.setup import init_model_parallel, init_single_process
+    from mor_dist.parallel.setup import init_single_process
 
     single = copy.deepcopy(cfg)
     single.parallel.tp = single.parallel.pp = single.parallel.dp = 1
     single.parallel.sequence_parallel = False
     single.train.precision = "fp32"
     init_single_process()
-    init_model_parallel(single.parallel, single.train.seed)
     with torch.device("meta"):
         model = build_model(single, vocab_size, on_cuda=False)
     embedding = model.embedding.word_embeddings.weight.numel()
     if not cfg.model.tie_embeddings:
         embedding += model.output_layer.weight.numel()
     total = sum(p.numel() for p in model.parameters())
-    m = cfg.model
-    plan = layer_plan(m.sharing if m.kind != "vanilla" else "none", m.num_layers, m.num_recursions)
+    m, layout = cfg.model, cfg.layout
+    plan = layout.plan
     return ModelSummary(
         layout=plan.describe(),
         effective_depth=len(plan.unrolled),
@@ -68,5 +66,5 @@ def summarize(cfg: RunConfig, vocab_size: int) -> ModelSummary:
         non_embedding_params=total - embedding,
         embedding_params=embedding,
         flops_per_token=forward_flops_per_token(cfg, vocab_size).total,
-        recursion_tokens=recursion_tokens(cfg, m.seq_length) if m.kind != "vanilla" else [m.seq_length],
+        recursion_tokens=recursion_tokens(cfg, m.seq_length) if plan.num_recursions > 1 else [m.seq_length],
     )

@@ -8,9 +8,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from mor_dist.config import REPO_ROOT, RunConfig, flatten
+from mor_dist.config import REPO_ROOT, JobConfig, flatten
 from mor_dist.model.flops import forward_flops_per_token, layer_matmul_params
-from mor_dist.model.sharing import layer_plan
 
 PARAM_VALUE_LIMIT = 500
 
@@ -24,21 +23,21 @@ def metric_name(key: str) -> str:
     return f"train/{key}"
 
 
-def parameter_count(cfg: RunConfig, vocab_size: int) -> int:
+def parameter_count(cfg: JobConfig, vocab_size: int) -> int:
     """Unique trainable parameters at full size: layers (with their two norms), embeddings, routers."""
-    m = cfg.model
-    plan = layer_plan(m.sharing if m.kind != "vanilla" else "none", m.num_layers, m.num_recursions)
+    m, layout = cfg.model, cfg.layout
+    plan = layout.plan
     layers = plan.num_unique * (layer_matmul_params(cfg) + 2 * m.hidden_size)
     embeddings = vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
     routers = 0
-    if m.kind == "mor":
+    if layout.routed:
         routers = m.num_recursions * m.hidden_size
         if cfg.routing.kind == "expert_choice" and cfg.routing.aux_router:
             routers *= 2
     return layers + embeddings + m.hidden_size + routers  # + final norm
 
 
-def run_params(cfg: RunConfig, vocab_size: int) -> dict[str, str]:
+def run_params(cfg: JobConfig, vocab_size: int) -> dict[str, str]:
     """The resolved config flattened (`model.hidden_size`, ...) plus `derived.*` counts, as MLflow strings."""
     values: dict[str, Any] = flatten(cfg.to_dict())
     values["derived.vocab_size"] = vocab_size
@@ -57,7 +56,7 @@ def git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def run_tags(cfg: RunConfig, hosts: int) -> dict[str, str]:
+def run_tags(cfg: JobConfig, hosts: int) -> dict[str, str]:
     """Tags that make runs comparable in the MLflow UI."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     return {

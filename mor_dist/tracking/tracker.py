@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from mor_dist.config import RunConfig
+from mor_dist.config import JobConfig
 from mor_dist.data import Tokenizer, load_tokenizer
 from mor_dist.tracking.lineage import FORK_STEP, FORKED_FROM, REPLACED_BY, copy_history, last_steps, retire
 from mor_dist.tracking.metadata import metric_name, run_params, run_tags
@@ -31,7 +31,7 @@ class TrackingWarning(RuntimeWarning):
     """Tracking is degraded and training goes on (a RuntimeWarning: jobs and workers silence UserWarnings)."""
 
 
-def tracking_uri(cfg: RunConfig, run_dir: Path) -> str:
+def tracking_uri(cfg: JobConfig, run_dir: Path) -> str:
     """tracking.uri, else MLFLOW_TRACKING_URI, else a sqlite store beside the run directory."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
@@ -95,7 +95,7 @@ class Tracker:
     and MLflow continues in a fork of the run (`lineage`).
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, run_id: Optional[str], vocab_size: int, hosts: int = 1,
+    def __init__(self, cfg: JobConfig, run_dir: Path, run_id: Optional[str], vocab_size: int, hosts: int = 1,
                  start_step: int = 0, launch: Optional[str] = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir

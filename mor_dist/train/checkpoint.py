@@ -19,6 +19,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mor_dist.train.catalog import file_entries, write_manifest
+from mor_dist.train.trainable import Trainable
 
 NEARLY_FULL_BYTES = 16 * 2**20
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}  # allows TP/PP changes on load
@@ -26,10 +27,6 @@ OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}  # all
 
 class StorageFull(OSError):
     """No space left where a checkpoint is written; the message names the path and what to do."""
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return getattr(module, "module", module)
 
 
 def layout() -> list[int]:
@@ -88,8 +85,7 @@ def storage_full(where: Path, step: int) -> StorageFull:
                        "then run the same command again to resume")
 
 
-def save_checkpoint(directory: Path, ddp: torch.nn.Module, optimizer, scheduler, extra: dict[str, Any],
-                    data_state: Any) -> None:
+def save_checkpoint(directory: Path, run: Trainable, extra: dict[str, Any], data_state: Any) -> None:
     """Every rank writes its shards into `directory`, then its manifest (the last file it writes).
 
     A full disk removes this rank's partial files (so a retry has the room again) and raises StorageFull.
@@ -97,7 +93,7 @@ def save_checkpoint(directory: Path, ddp: torch.nn.Module, optimizer, scheduler,
     directory.mkdir(parents=True, exist_ok=True)
     before = {str(p.relative_to(directory)) for p in directory.rglob("*")}
     try:
-        _write(directory, before, ddp, optimizer, scheduler, extra, data_state)
+        _write(directory, before, run, extra, data_state)
     except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
         if not (is_disk_full(err) or nearly_full(directory)):
             raise
@@ -106,17 +102,16 @@ def save_checkpoint(directory: Path, ddp: torch.nn.Module, optimizer, scheduler,
         raise storage_full(directory, extra["step"]) from err
 
 
-def _write(directory: Path, before: set[str], ddp: torch.nn.Module, optimizer, scheduler, extra: dict[str, Any],
-           data_state: Any) -> None:
-    model_sd = _unwrap(ddp).sharded_state_dict()
+def _write(directory: Path, before: set[str], run: Trainable, extra: dict[str, Any], data_state: Any) -> None:
+    model_sd = run.model.sharded_state_dict()
     saved = {**extra, "layout": layout(), "world_size": dist.get_world_size()}
     state = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_SHARDING),
+        "optimizer": run.optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_SHARDING),
         "rng": _rng_object(saved["layout"]),
         "data": _data_object(data_state, parallel_state.get_data_parallel_world_size(),
                              parallel_state.get_data_parallel_rank()),
-        "scheduler": scheduler.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
         "extra": saved,
     }
     dist_checkpointing.save(state, str(directory))
@@ -128,7 +123,7 @@ def _write(directory: Path, before: set[str], ddp: torch.nn.Module, optimizer, s
     write_manifest(directory, rank, manifest)
 
 
-def load_checkpoint(directory: Path, ddp: torch.nn.Module, optimizer, scheduler) -> tuple[dict[str, Any], Any]:
+def load_checkpoint(directory: Path, run: Trainable) -> tuple[dict[str, Any], Any]:
     """Load a verified checkpoint into the live model/optimizer/scheduler (any TP/PP/DP layout); returns
     (loop state, data position).
 
@@ -136,9 +131,9 @@ def load_checkpoint(directory: Path, ddp: torch.nn.Module, optimizer, scheduler)
     one global position, which any DP size can continue from.
     """
     common = dist_checkpointing.load_common_state_dict(str(directory))
-    model_sd = _unwrap(ddp).sharded_state_dict()
+    model_sd = run.model.sharded_state_dict()
     template = {"model": model_sd,
-                "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_SHARDING)}
+                "optimizer": run.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_SHARDING)}
     saved_layout = common["extra"]["layout"]
     same_layout = saved_layout == layout()
     dp_rank = parallel_state.get_data_parallel_rank() if saved_layout[2] == layout()[2] else 0
@@ -146,9 +141,9 @@ def load_checkpoint(directory: Path, ddp: torch.nn.Module, optimizer, scheduler)
     if same_layout:  # RNG streams belong to ranks; after resharding they restart from the seed
         template["rng"] = _rng_object(layout())
     loaded = dist_checkpointing.load(template, str(directory))
-    _unwrap(ddp).load_state_dict(loaded["model"], strict=False)
-    optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(common["scheduler"])
+    run.model.load_state_dict(loaded["model"], strict=False)
+    run.optimizer.load_state_dict(loaded["optimizer"])
+    run.scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 

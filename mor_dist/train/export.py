@@ -12,14 +12,15 @@ from typing import Any
 import torch
 from megatron.core import dist_checkpointing
 
-from mor_dist.config import ConfigError, config_from_dict
+from mor_dist.config import config_from_dict
+from mor_dist.errors import ConfigError
 from mor_dist.train.catalog import verify
 
 
 def export(checkpoint: Path, out_file: Path) -> dict[str, Any]:
     """Gather the model into a single unsharded state dict: {"config", "vocab_size", "step", "model"}."""
     from mor_dist.model.mor import build_model
-    from mor_dist.parallel.setup import init_model_parallel, init_single_process
+    from mor_dist.parallel.setup import init_single_process
 
     if out_file.is_dir():
         raise ConfigError(f"cannot export: {out_file} is a directory; give the file to write, e.g. {out_file / 'model.pt'}")
@@ -32,7 +33,6 @@ def export(checkpoint: Path, out_file: Path) -> dict[str, Any]:
     single.parallel.tp = single.parallel.pp = single.parallel.dp = 1
     single.parallel.sequence_parallel = False
     init_single_process()
-    init_model_parallel(single.parallel, single.train.seed)
     model = build_model(single, extra["vocab_size"], on_cuda=False)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint))
     model.load_state_dict(loaded["model"], strict=False)

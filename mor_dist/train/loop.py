@@ -16,22 +16,18 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import finalize_model_grads
 
-from mor_dist.config import RunConfig, config_from_dict
+from mor_dist.config import JobConfig, config_from_dict
 from mor_dist.data import PreparedData
 from mor_dist.model.flops import forward_flops_per_token
-from mor_dist.model.mor import build_model, model_plan
-from mor_dist.parallel.pipeline import virtual_size
-from mor_dist.parallel.setup import init_model_parallel
 from mor_dist.tracking.metadata import host_count
 from mor_dist.tracking.perf import mfu
 from mor_dist.tracking.tracker import Tracker
 from mor_dist.train.catalog import newest_whole, prune
 from mor_dist.train.checkpoint import is_disk_full, storage_full, load_checkpoint, save_checkpoint
 from mor_dist.train.metrics import reduce_means
-from mor_dist.train.optim import build_optimizer, wrap_ddp
-from mor_dist.train.step import Stage, evaluate, train_step
+from mor_dist.train.step import evaluate, train_step
+from mor_dist.train.trainable import Trainable
 
 
 LOCAL_CHECKPOINT_PREFIX = "mor-ckpt-"
@@ -133,30 +129,19 @@ def _union_keys(local: dict[str, float]) -> list[str]:
     return sorted(set().union(*gathered))
 
 
-def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cuda: bool, hooks: Hooks) -> None:
+def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cuda: bool, hooks: Hooks) -> None:
     """Train `cfg` on this rank until train.steps, reporting and checkpointing through `hooks`."""
     t = cfg.train
-    init_model_parallel(cfg.parallel, t.seed, virtual_size(cfg, model_plan(cfg)))
-    model = build_model(cfg, vocab_size, on_cuda)
-    ddp = wrap_ddp(cfg, model, on_cuda)
-    stage = Stage.build(cfg, ddp)
-    optimizer, scheduler = build_optimizer(cfg, [ddp], on_cuda)
-    # One DDP holds the stage's weights; its chunks share them, so grads are finalised once.
-    model.config.finalize_model_grads_func = lambda _chunks, num_tokens=None, **kw: finalize_model_grads(
-        [ddp], num_tokens, **kw)
-    model.config.no_sync_func = ddp.no_sync
-    model.config.grad_scale_func = optimizer.scale_loss
-
+    run = Trainable.build(cfg, vocab_size, on_cuda)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     data = PreparedData.open(data_dir)
     batches = data.train_iterator(dp_rank, dp_size, t.micro_batch_size, t.global_batch_size, t.seed)
     val_batches = data.validation_batches(dp_rank, dp_size, t.micro_batch_size, t.eval_batches)
-    num_micro = t.global_batch_size // (t.micro_batch_size * dp_size)
     seq = cfg.model.seq_length
 
     step, run_id = 0, None
     if hooks.checkpoint is not None:
-        extra, position = load_checkpoint(hooks.checkpoint, ddp, optimizer, scheduler)
+        extra, position = load_checkpoint(hooks.checkpoint, run)
         step = extra["step"]
         # Continue the MLflow run only for a checkpoint of this run; starting from another run's gets a new one.
         same_run = extra.get("config", {}).get("run", {}).get("name") == cfg.run.name
@@ -174,7 +159,7 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < t.steps:
-            local = train_step(stage, optimizer, scheduler, batches, num_micro, t.micro_batch_size)
+            local = train_step(run, batches)
             step += 1
             _maybe_inject_fault(step, hooks.world_rank, "step")
             window_steps += 1
@@ -193,7 +178,7 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
             metrics["perf/peak_mem_gib"] = reduce_means({"m": peak_memory_gib()}, ["m"])["m"]
             metrics["tokens"] = float(step * tokens_per_step)
             if ev:
-                val_metrics, val_state = evaluate(stage, val_batches, t.micro_batch_size)
+                val_metrics, val_state = evaluate(run, val_batches)
                 metrics.update(reduce_means(val_metrics, ["val_loss"]))
                 if "val_loss" in metrics:
                     metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
@@ -204,7 +189,7 @@ def train(cfg: RunConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
                 directory = hooks.checkpoint_dir(step)
                 extra = {"step": step, "run_id": run_id, "config": cfg.to_dict(), "vocab_size": vocab_size,
                          "launch": hooks.launch}
-                save_checkpoint(directory, ddp, optimizer, scheduler, extra, batches.state_dict())
+                save_checkpoint(directory, run, extra, batches.state_dict())
                 _maybe_inject_fault(step, hooks.world_rank, "checkpoint")
             if tracker is not None:
                 tracker.log(metrics, step)

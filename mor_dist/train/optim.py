@@ -7,10 +7,10 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from mor_dist.config import RunConfig
+from mor_dist.config import JobConfig
 
 
-def wrap_ddp(cfg: RunConfig, model: torch.nn.Module, on_cuda: bool) -> DistributedDataParallel:
+def wrap_ddp(cfg: JobConfig, model: torch.nn.Module, on_cuda: bool) -> DistributedDataParallel:
     """megatron DDP (fp32 grad buffers; distributed optimizer only on CUDA: gloo has no reduce-scatter)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -22,7 +22,7 @@ def wrap_ddp(cfg: RunConfig, model: torch.nn.Module, on_cuda: bool) -> Distribut
     return DistributedDataParallel(model.config, ddp_config, model)
 
 
-def build_optimizer(cfg: RunConfig, chunks: list[DistributedDataParallel], on_cuda: bool):
+def build_optimizer(cfg: JobConfig, chunks: list[DistributedDataParallel], on_cuda: bool):
     """AdamW with clipping (megatron optimizer) and its WSD scheduler."""
     t = cfg.train
     opt_config = OptimizerConfig(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
@@ -10,37 +9,13 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from mor_dist.config import RunConfig
 from mor_dist.model.routing import AuxLossAttacher, TokenChoiceRouter
-from mor_dist.parallel.pipeline import ChunkBatches, PipelineChunk, message_rows
+from mor_dist.train.trainable import Trainable
 
 
 def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     """The MoRModel inside a DDP wrapper or behind a PipelineChunk."""
     return getattr(chunk, "module", chunk)
-
-
-@dataclass
-class Stage:
-    """This rank's model as the schedules need it: one DDP holding the weights, and its chunks."""
-
-    ddp: torch.nn.Module
-    chunks: list[torch.nn.Module]
-    message_rows: int  # the sequence length of stage-to-stage messages
-
-    @classmethod
-    def build(cls, cfg: RunConfig, ddp: torch.nn.Module) -> "Stage":
-        model = unwrap(ddp)
-        if cfg.parallel.pp == 1:
-            return cls(ddp, [ddp], cfg.model.seq_length)
-        return cls(ddp, [PipelineChunk(ddp, vs) for vs in model.chunks], message_rows(cfg, model.routed))
-
-    def data(self, source: Iterator):
-        """The schedule's data_iterator: the source, or one view of it per virtual chunk."""
-        if len(self.chunks) == 1:
-            return source
-        tee = ChunkBatches(source, len(self.chunks))
-        return [tee.iterator(i) for i in range(len(self.chunks))]
 
 
 class StepState:
@@ -89,32 +64,32 @@ def _lm_loss(reduced: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     return {"lm_loss": float(total[0] / total[1])}
 
 
-def run_microbatches(stage: Stage, data_iterator: Iterator, num_microbatches: int, micro_batch_size: int,
+def run_microbatches(run: Trainable, data_iterator: Iterator, num_microbatches: int,
                      forward_only: bool) -> tuple[dict[str, float], StepState]:
-    """forward (and backward) over the step's micro-batches; returns local metrics."""
+    """forward (and backward) over `num_microbatches` micro-batches; returns local metrics."""
     state = StepState()
     AuxLossAttacher.scale = 1.0 / num_microbatches
     reduced = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, state),
-        data_iterator=stage.data(data_iterator),
-        model=stage.chunks,
+        data_iterator=run.data(data_iterator),
+        model=run.chunks,
         num_microbatches=num_microbatches,
-        seq_length=stage.message_rows,
-        micro_batch_size=micro_batch_size,
+        seq_length=run.layout.message_rows,
+        micro_batch_size=run.cfg.train.micro_batch_size,
         forward_only=forward_only,
     )
     return _lm_loss(reduced), state
 
 
-def train_step(stage: Stage, optimizer, scheduler, data_iterator, num_microbatches: int,
-               micro_batch_size: int) -> dict[str, float]:
-    """Zero grads, forward/backward all micro-batches, clip and step; local (unreduced) metrics."""
-    stage.ddp.zero_grad_buffer()
+def train_step(run: Trainable, data_iterator: Iterator) -> dict[str, float]:
+    """Zero grads, forward/backward the step's micro-batches, clip and step; local (unreduced) metrics."""
+    optimizer = run.optimizer
+    run.ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    metrics, state = run_microbatches(stage, data_iterator, num_microbatches, micro_batch_size, False)
+    metrics, state = run_microbatches(run, data_iterator, run.layout.micro_batches, False)
     ok, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
-    router = unwrap(stage.ddp).router
+    run.scheduler.step(increment=1)
+    router = run.model.router
     if isinstance(router, TokenChoiceRouter):
         router.update_bias(parallel_state.get_data_parallel_group())
     metrics.update(state.router_means())
@@ -125,13 +100,12 @@ def train_step(stage: Stage, optimizer, scheduler, data_iterator, num_microbatch
 
 
 @torch.no_grad()
-def evaluate(stage: Stage, batches: list[dict[str, torch.Tensor]],
-             micro_batch_size: int) -> tuple[dict[str, float], StepState]:
+def evaluate(run: Trainable, batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, float], StepState]:
     """Validation loss over fixed batches (eval mode: routing follows routing.inference_rule).
 
     The returned state holds the validation tokens and each token's depth on the router's stage.
     """
-    stage.ddp.eval()
-    metrics, state = run_microbatches(stage, iter(batches), len(batches), micro_batch_size, True)
-    stage.ddp.train()
+    run.ddp.eval()
+    metrics, state = run_microbatches(run, iter(batches), len(batches), True)
+    run.ddp.train()
     return ({"val_loss": metrics["lm_loss"]} if metrics else {}), state

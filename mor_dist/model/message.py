@@ -1,4 +1,10 @@
-"""What passes from one model chunk to the next, and its fixed-shape message form for pipeline stages."""
+"""What passes from one model chunk to the next, and its fixed-shape message form for pipeline stages.
+
+Between stages a routed chunk sends one message of a fixed shape (capacities are static): the
+residual stream h [s], the current recursion's tokens scattered to full length [s], and a few rows
+of per-token metadata (gate, selection mask, depth), so every message has the same size
+(`Layout.message_rows`). Unrouted models send h alone.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,8 @@ from typing import Callable, Optional
 
 import torch
 
+from mor_dist.layout import ChunkPlan
 from mor_dist.model.routing import Selection, gather_tokens, ragged_indices, scatter_add_tokens
-from mor_dist.parallel.pipeline import VirtualStage, pack_meta, unpack_meta
 
 
 @dataclass
@@ -23,6 +29,20 @@ class Carry:
     depth: Optional[torch.Tensor] = None  # token-choice: assigned depth [b, s]
     gate: Optional[torch.Tensor] = None  # token-choice: exit gate [s, b, 1]
     depths: Optional[torch.Tensor] = None  # recursions taken so far [b, s]
+
+
+def pack_meta(values: list[torch.Tensor], rows: int, hidden: int) -> torch.Tensor:
+    """[b, s] tensors -> [rows, b, hidden] (gradients kept)."""
+    b = values[0].shape[0]
+    flat = torch.cat([v.to(torch.float32) for v in values], dim=1)
+    flat = torch.nn.functional.pad(flat, (0, rows * hidden - flat.shape[1]))
+    return flat.view(b, rows, hidden).transpose(0, 1)
+
+
+def unpack_meta(meta: torch.Tensor, count: int, seq: int) -> list[torch.Tensor]:
+    """Inverse of pack_meta: [rows, b, hidden] -> `count` tensors [b, s]."""
+    flat = meta.transpose(0, 1).reshape(meta.shape[1], -1).float()
+    return [flat[:, i * seq:(i + 1) * seq] for i in range(count)]
 
 
 def _mask(sel: Optional[Selection], b: int, s: int, device: torch.device) -> torch.Tensor:
@@ -54,7 +74,7 @@ def pack_expert(carry: Carry, full: Callable, meta_rows: int) -> torch.Tensor:
     return torch.cat([h, xfull, meta])
 
 
-def unpack_expert(msg: torch.Tensor, vs: VirtualStage, seq: int, shard: Callable) -> Carry:
+def unpack_expert(msg: torch.Tensor, vs: ChunkPlan, seq: int, shard: Callable) -> Carry:
     """Inverse of pack_expert for the chunk `vs` that receives it."""
     h, xfull, meta = msg[:seq], msg[seq:2 * seq], msg[2 * seq:]
     gate_full, mask, depths = unpack_meta(meta, 3, seq)
@@ -81,7 +101,7 @@ def pack_token(carry: Carry, full: Callable, meta_rows: int) -> torch.Tensor:
     return torch.cat([h, state, meta])
 
 
-def unpack_token(msg: torch.Tensor, vs: VirtualStage, seq: int, shard: Callable) -> Carry:
+def unpack_token(msg: torch.Tensor, vs: ChunkPlan, seq: int, shard: Callable) -> Carry:
     """Inverse of pack_token for the chunk `vs` that receives it."""
     h, state, meta = msg[:seq], msg[seq:2 * seq], msg[2 * seq:]
     gate, depth, _ = unpack_meta(meta, 3, seq)
