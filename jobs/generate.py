@@ -1,60 +1,7 @@
-"""Generate text: `python jobs/generate.py "PROMPT" [--checkpoint FILE | --config C key=value ...]`.
+"""`python jobs/generate.py --help`: runs `mor_dist.cli.generate` from a checkout (installed: `mor-generate`)."""
 
-MoR models route with the causal rule (expert-choice: threshold, hierarchical) and decode with the
-recursion-wise KV cache (or recursive KV sharing, as the model was trained).
-"""
+import _checkout  # noqa: F401  (the checkout on sys.path)
 
-from __future__ import annotations
+from mor_dist.cli.generate import main
 
-import argparse
-import sys
-import warnings
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from mor_dist.cli import non_negative_float, non_negative_int, positive_int  # noqa: E402
-from mor_dist.config import load_config  # noqa: E402
-
-
-from mor_dist.errors import ConfigError
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("prompt", help="text to continue ('' starts from the end-of-text token)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="an exported single-file checkpoint (jobs/export.py); its config is used")
-    parser.add_argument("--config", type=Path, default=None, help="YAML config of a fresh model (default: tiny)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
-    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-k", type=non_negative_int, default=0, help="sample among the k likeliest (0: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-text token")
-    parser.add_argument("--cuda", action="store_true", help="run on the GPU")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides of the fresh model's config")
-    return parser.parse_intermixed_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from mor_dist.inference.generation import generate_text
-    from mor_dist.inference.sampling import Sampler
-
-    try:
-        if args.checkpoint is not None and (args.config is not None or args.overrides):
-            raise ConfigError("--checkpoint carries its own config; drop --config and overrides")
-        cfg = None if args.checkpoint is not None else load_config(args.config, args.overrides)
-        text = generate_text(args.prompt, cfg, args.checkpoint, args.max_new_tokens,
-                             Sampler(args.temperature, args.top_k, seed=args.seed), args.stop_at_eos, args.cuda)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(args.prompt + text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+raise SystemExit(main())

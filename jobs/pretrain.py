@@ -1,68 +1,7 @@
-"""Pre-train a MoR (or vanilla / recursive) model: `python jobs/pretrain.py [--config C] [key.sub=value ...]`."""
+"""`python jobs/pretrain.py --help`: runs `mor_dist.cli.pretrain` from a checkout (installed: `mor-pretrain`)."""
 
-from __future__ import annotations
+import _checkout  # noqa: F401  (the checkout on sys.path)
 
-import argparse
-import sys
-import warnings
-from pathlib import Path
+from mor_dist.cli.pretrain import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from mor_dist.config import load_config  # noqa: E402
-from mor_dist.errors import ConfigError
-from mor_dist.launch import RunComplete, TrainingFailed, launch  # noqa: E402
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", type=Path, default=None, help="YAML run config (default: configs/tiny_mor.yaml)")
-    parser.add_argument("--dry-run", action="store_true", help="build the model, print its shape and FLOPs, exit")
-    parser.add_argument("--resume-from", type=Path, default=None,
-                        help="a checkpoint directory to start from (default: the run's newest whole checkpoint)")
-    parser.add_argument("--start-over", action="store_true",
-                        help="start the run again from step 0 although it has checkpoints (its old directory is moved "
-                             "aside and its MLflow run renamed; nothing is deleted)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 routing.kind=token_choice")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
-            from mor_dist.data import load_tokenizer, padded_vocab_size
-            from mor_dist.model.summary import summarize
-
-            vocab = cfg.model.vocab_size or padded_vocab_size(load_tokenizer(cfg.data.tokenizer).vocab_size,
-                                                              cfg.parallel.tp)
-            print("\n".join(summarize(cfg, vocab).lines(cfg)))
-            return 0
-        if args.start_over and args.resume_from is not None:
-            raise ConfigError("--start-over starts from step 0 and --resume-from from a checkpoint; give one of them")
-        resume = args.resume_from.resolve() if args.resume_from is not None else None  # workers run elsewhere
-        result = launch(cfg, resume, args.start_over)
-    except RunComplete as done:
-        print(done)
-        return 0
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TrainingFailed as failed:
-        print(f"\n{failed.summary}\n\ndetails:\n{failed.details}", file=sys.stderr)
-        return 1
-    print("\nDone. Outputs:")
-    print(f"  run directory   {result.run_dir}")
-    print(f"  checkpoint      {result.checkpoint}")
-    print(f"  metrics (local) {result.run_dir / 'metrics.jsonl'}")
-    print(f"  MLflow          {result.tracking_uri}   (view: mlflow ui --backend-store-uri {result.tracking_uri})")
-    final = {k: round(v, 4) for k, v in result.metrics.items() if k in ("loss", "val_loss", "val_ppl")}
-    print(f"  final metrics   {final}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+raise SystemExit(main())

@@ -1,68 +1,7 @@
-"""Submit a pre-training run to Kubernetes as a KubeRay RayJob and follow it until it finishes.
+"""`python jobs/submit_k8s.py --help`: runs `mor_dist.cli.submit_k8s` from a checkout (installed: `mor-submit-k8s`)."""
 
-    python jobs/submit_k8s.py --overlay single-node-8gpu --config configs/mor_360m_nr4.yaml \
-        --name mor-360m-nr4 train.steps=2000
-    python jobs/submit_k8s.py --overlay cpu-smoke --dry-run      # print the RayJob YAML, touch no cluster
-"""
+import _checkout  # noqa: F401  (the checkout on sys.path)
 
-from __future__ import annotations
+from mor_dist.cli.submit_k8s import main
 
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from mor_dist import k8s  # noqa: E402
-from mor_dist.cli import positive_float  # noqa: E402
-from mor_dist.config import ConfigError  # noqa: E402
-
-
-
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command line: overlay, run config, dotted overrides, namespace, name, dry run."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--overlay", required=True,
-                        help="overlay under k8s/overlays/ (single-node-8gpu, multi-node-4x8gpu, cpu-smoke) or a directory")
-    parser.add_argument("--config", help="run config inside the repository (default: the overlay's own)")
-    parser.add_argument("--namespace", help="namespace of the MLflow server and checkpoint volume (default: kubeconfig's)")
-    parser.add_argument("--name", help="RayJob name (default: the overlay's, mor-pretrain)")
-    parser.add_argument("--dry-run", action="store_true", help="print the RayJob YAML and exit")
-    parser.add_argument("--poll-seconds", type=positive_float, default=10.0, help="status polling interval")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.steps=100")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Render, then print (--dry-run) or create and follow the RayJob; exit 0 when the job succeeded."""
-    args = parse_args(argv)
-    try:
-        job = k8s.rayjob_for_run(args.overlay, args.config, args.overrides, args.name)
-    except (ConfigError, k8s.KustomizeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.dry_run:
-        sys.stdout.write(k8s.dump_all([job]))
-        return 0
-    namespace = args.namespace or k8s.current_namespace()
-    api = k8s.connect()
-    try:
-        k8s.submit(api, namespace, job)
-    except k8s.SubmitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    name = job["metadata"]["name"]
-    print(f"created RayJob {namespace}/{name}: {job['spec']['entrypoint']}")
-    for line in k8s.mlflow_lines(job, namespace):
-        print(line)
-    try:
-        return 0 if k8s.follow(api, namespace, name, args.poll_seconds) else 1
-    except KeyboardInterrupt:
-        print(f"\nstopped following; the job keeps running (kubectl -n {namespace} get rayjob {name})")
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+raise SystemExit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from mor_dist.train.catalog import Status, survey
+from mor_dist.catalog import Status, survey
 
 
 class TrainingFailed(Exception):

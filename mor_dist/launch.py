@@ -15,7 +15,7 @@ from mor_dist.errors import ConfigError
 from mor_dist.resume import RunComplete, choose_start, start_fresh
 from mor_dist.storage import check_room, check_writable
 from mor_dist.failures import TrainingFailed, failure_summary
-from mor_dist.train.catalog import prune, read_manifest
+from mor_dist.catalog import prune, read_manifest
 
 # Reach every worker through the runtime environment (they must be set before CUDA/NCCL start).
 WORKER_ENV = {
@@ -26,7 +26,7 @@ WORKER_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # the logging rank's progress line once, not twice
 }
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's reported checkpoints
-__all__ = ["RunComplete", "TrainingFailed", "launch"]
+__all__ = ["RunComplete", "TrainingFailed", "dry_run", "launch"]
 
 
 @dataclass
@@ -110,6 +110,15 @@ def connect_ray(resources: Optional[dict[str, float]] = None) -> dict[str, float
             ray.init(num_cpus=int((resources or {}).get("CPU", os.cpu_count() or 1)), runtime_env=env,
                      log_to_driver=True)
     return ray.cluster_resources()
+
+
+def dry_run(cfg: JobConfig) -> str:
+    """What `--dry-run` prints: layout, depth, parameter counts and FLOPs per token (no Ray, no data)."""
+    from mor_dist.data import load_tokenizer, padded_vocab_size
+    from mor_dist.model.summary import summarize
+
+    vocab = cfg.model.vocab_size or padded_vocab_size(load_tokenizer(cfg.data.tokenizer).vocab_size, cfg.parallel.tp)
+    return "\n".join(summarize(cfg, vocab).lines(cfg))
 
 
 def _forget_previous_launch(run_dir: Path) -> None:

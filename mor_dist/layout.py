@@ -162,6 +162,15 @@ class Layout:
         return stage_slots(self.plan, pp_rank, self.pp)
 
 
+def micro_batches_per_step(dp_size: int, micro_batch_size: int, global_batch_size: int) -> int:
+    """global_batch_size / (micro_batch_size * dp_size): the micro-batches each data-parallel rank runs per step."""
+    per_round = micro_batch_size * dp_size
+    if micro_batch_size < 1 or dp_size < 1 or global_batch_size < per_round or global_batch_size % per_round:
+        raise ConfigError(f"train.global_batch_size={global_batch_size} must be a positive multiple of "
+                          f"train.micro_batch_size * parallel.dp = {micro_batch_size} * {dp_size}")
+    return global_batch_size // per_round
+
+
 def derive_layout(kind: str, sharing: str, num_layers: int, num_recursions: int, seq_length: int,
                   hidden_size: int, tp: int, pp: int, dp: int, sequence_parallel: bool, micro_batch_size: int,
                   global_batch_size: int, kv_sharing: bool) -> Layout:
@@ -170,11 +179,7 @@ def derive_layout(kind: str, sharing: str, num_layers: int, num_recursions: int,
     routed = kind == "mor"
     if routed and not plan.cyclic:
         raise ConfigError(f"model.sharing={sharing} cannot be routed: MoR needs cycle or middle_cycle")
-    per_round = micro_batch_size * dp
-    if global_batch_size % per_round:
-        raise ConfigError(f"train.global_batch_size={global_batch_size} must be a multiple of "
-                          f"train.micro_batch_size * parallel.dp = {per_round}")
-    micro_batches = global_batch_size // per_round
+    micro_batches = micro_batches_per_step(dp, micro_batch_size, global_batch_size)
     if pp > 1:
         stage_chunks(plan, 0, pp)  # raises naming model.num_layers / parallel.pp
         if kind != "vanilla" and kv_sharing:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from mor_dist.config import JobConfig, state_changes
 from mor_dist.errors import ConfigError
-from mor_dist.train.catalog import (KEEP, Checkpoint, Status, checkpoint_dirs, inspect, keep, newest_whole,
+from mor_dist.catalog import (KEEP, Checkpoint, Status, checkpoint_dirs, inspect, keep, newest_whole,
                                    not_a_checkpoint, read_manifest, survey)
 
 START_OVER = "--start-over"

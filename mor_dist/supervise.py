@@ -8,7 +8,7 @@ from typing import Any
 from ray.train import UserCallback
 
 from mor_dist.failures import cause, first_causes
-from mor_dist.train.catalog import prune
+from mor_dist.catalog import prune
 
 
 class Supervisor(UserCallback):

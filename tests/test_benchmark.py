@@ -112,7 +112,7 @@ def test_train_benchmark_on_gpu(cuda_world, precision, tmp_path):
     ("inference", ["--memory-gib", "0"], "--memory-gib"),
 ])
 def test_benchmark_refuses_impossible_numbers_naming_the_flag(mode, argv, flag, capsys):
-    from mor_dist.inference import bench as inference_bench
+    from mor_dist.bench import inference as inference_bench
 
     parse = bench.parse_args if mode == "train" else inference_bench.parse_args
     with pytest.raises(SystemExit) as exit_info:

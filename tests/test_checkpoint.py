@@ -1,4 +1,4 @@
-"""Issue 4: reshardable checkpoints, damaged-checkpoint detection, export, and recovery on Ray."""
+"""Reshardable checkpoints, damaged-checkpoint detection, export, and recovery on Ray."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 from mor_dist.config import load_config
 from mor_dist.errors import ConfigError
-from mor_dist.train.catalog import MANIFEST, checkpoint_dirs, newest_whole, read_manifest, verify
+from mor_dist.catalog import MANIFEST, checkpoint_dirs, newest_whole, read_manifest, verify
 from multiproc import run_world
 
 ROOT = Path(__file__).resolve().parent.parent

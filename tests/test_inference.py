@@ -1,4 +1,4 @@
-"""Issue 6 acceptance: cached generation equals recomputation, KV memory per token, continuous batching."""
+"""Cached generation equals recomputation, KV memory per token, continuous batching."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mor_dist.inference import bench
-from mor_dist.inference.bench import max_batch
+from mor_dist.bench.inference import max_batch
 from mor_dist.inference.engine import Engine
 from mor_dist.inference.generation import generate, load_checkpoint
 from mor_dist.inference.sampling import Sampler

@@ -1,4 +1,4 @@
-"""Issue 2 acceptance: parameter counts, weight sharing, routing semantics, gradients, causality."""
+"""Parameter counts, weight sharing, routing semantics, gradients, causality."""
 
 from __future__ import annotations
 

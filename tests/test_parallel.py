@@ -1,4 +1,4 @@
-"""Issue 3: equal losses across (tp, pp, dp) layouts; pipeline stages hold only their share."""
+"""Equal losses across (tp, pp, dp) layouts; pipeline stages hold only their share."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 13 on the driver's side: retention, transient reads, unusable runs, storage checks and early refusals."""
+"""The driver's side of reliability: retention, transient reads, unusable runs, storage checks and early refusals."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from mlflow import MlflowClient
 from mor_dist.config import load_config
 from mor_dist.errors import ConfigError
 from mor_dist.resume import START_OVER, choose_start, start_fresh
-from mor_dist.train import catalog
-from mor_dist.train.catalog import KEEP, Status, checksum, inspect, prune, write_manifest
+from mor_dist import catalog
+from mor_dist.catalog import KEEP, Status, checksum, inspect, prune, write_manifest
 
 CPU_ONLY = ["train.steps=4", "train.warmup_steps=1", "tracking.enabled=false"]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mor_dist.cli import positive_int
+from mor_dist.cmdline import positive_int
 from mor_dist.config import REPO_ROOT, load_config
 
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from mor_dist.cli import positive_float, positive_int
+from mor_dist.cmdline import positive_float, positive_int
+from mor_dist.cmdline import command
 from mor_dist.bench import corpus
 from mor_dist.bench.harness import corpus_batches, init_world
 from mor_dist.bench.report import append_under, block, environment
 from mor_dist.config import DEFAULT_CONFIG, JobConfig, load_config
-from mor_dist.errors import ConfigError
 from mor_dist.model.mor import MoRModel
 from mor_dist.train.step import train_step
 from mor_dist.train.trainable import Trainable
@@ -108,7 +108,8 @@ def check(path: Path, steps: int, micro_batch: int, overrides: list[str]) -> Cur
                       finite)
 
 
-def main(argv: list[str] | None = None) -> int:
+@command
+def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m mor_dist.bench.fp8_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, action="append", default=None, help="run config, repeatable")
@@ -121,17 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("error: the FP8 check needs CUDA and transformer-engine (train.precision=fp8)", file=sys.stderr)
         return 2
-    try:
-        results = [check(path, args.steps, args.micro_batch, args.overrides)
-                   for path in args.config or [DEFAULT_CONFIG]]
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    command = "python -m mor_dist.bench.fp8_check " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    results = [check(path, args.steps, args.micro_batch, args.overrides) for path in args.config or [DEFAULT_CONFIG]]
+    line = "python -m mor_dist.bench.fp8_check " + " ".join(shlex.quote(a) for a in argv)
     rows = "\n".join([HEADER] + [r.markdown(args.tolerance) for r in results])
     notes = [f"Shipped corpus, {args.micro_batch} sequences per step, same seed and data order for both runs; the gap "
              "is the largest relative difference between the curves' 10-step moving averages."]
-    text = block("FP8 against bf16 loss curves", environment(True), command, rows, notes)
+    text = block("FP8 against bf16 loss curves", environment(True), line, rows, notes)
     print(text)
     if args.append:
         append_under(args.append, text)

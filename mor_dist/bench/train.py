@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from mor_dist.cli import non_negative_int, positive_int
+from mor_dist.cmdline import non_negative_int, positive_int
 from mor_dist.bench.baseline import build_baseline, vanilla_twin
 from mor_dist.bench.harness import init_world, reset_memory, synthetic_batches, timed_steps
 from mor_dist.bench.report import GPU_MISSING, Row, append_under, block, environment, table
@@ -124,13 +123,9 @@ def main(argv: list[str]) -> int:
     on_cuda = torch.cuda.is_available()
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        cfgs = [(path.stem, bench_config(path, args)) for path in args.config or [DEFAULT_CONFIG]]
-        init_world(on_cuda)
-        rows = run(cfgs, args, on_cuda)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfgs = [(path.stem, bench_config(path, args)) for path in args.config or [DEFAULT_CONFIG]]
+    init_world(on_cuda)
+    rows = run(cfgs, args, on_cuda)
     command = "python jobs/benchmark.py train " + " ".join(shlex.quote(a) for a in argv)
     precision = cfgs[0][1].train.precision
     env = environment(on_cuda, peak_flops(on_cuda, precision) / 1e12)

@@ -8,15 +8,7 @@ import numpy as np
 import torch
 
 from mor_dist.data.packing import make_batch
-
-
-def micro_batches_per_step(dp_size: int, micro_batch_size: int, global_batch_size: int) -> int:
-    """global_batch_size // (micro_batch_size * dp_size), checked to divide exactly."""
-    per_round = micro_batch_size * dp_size
-    if micro_batch_size < 1 or dp_size < 1 or global_batch_size < per_round or global_batch_size % per_round:
-        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
-                         f"micro_batch_size * dp_size = {micro_batch_size} * {dp_size}")
-    return global_batch_size // per_round
+from mor_dist.layout import micro_batches_per_step
 
 
 class TrainIterator:

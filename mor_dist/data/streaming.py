@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mor_dist.data.iterator import micro_batches_per_step
+from mor_dist.layout import micro_batches_per_step
 from mor_dist.data.packing import TokenBuffer, join_documents, make_batch
 from mor_dist.data.sources import Source
 from mor_dist.data.split import is_validation

@@ -1,6 +1,6 @@
 """megatron-core TransformerConfig and layer specs: TE (FP8-capable) on CUDA, the local spec otherwise.
 
-FP8 (DESIGN decision 6): TE layers everywhere on CUDA; recipes follow megatron's TransformerBlock
+FP8: TE layers everywhere on CUDA; recipes follow megatron's TransformerBlock
 rule (one outer autocast per layer run for delayed scaling, one autocast per layer call for current
 and block scaling). MoR's shared block runs N_r times per forward, and delayed scaling's amax
 history is overwritten when a module runs twice before the reduction at autocast exit, so delayed
@@ -124,7 +124,7 @@ def transformer_config(cfg: JobConfig, on_cuda: bool, virtual_size: int | None =
     if on_cuda and te_available() and t.fused_kernels:
         # TE's fused RoPE takes one angle row per position ([s, 1, 1, d]); routed tokens carry theirs
         # gathered per token ([k, b, 1, d]), so MoR keeps megatron's unfused RoPE.
-        extra.update(apply_rope_fusion=m.kind != "mor", cross_entropy_loss_fusion=True,
+        extra.update(apply_rope_fusion=not cfg.layout.routed, cross_entropy_loss_fusion=True,
                      cross_entropy_fusion_impl="te")
     return TransformerConfig(
         num_layers=m.num_layers,

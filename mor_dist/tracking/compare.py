@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from matplotlib.figure import Figure
 
+from mor_dist.errors import ConfigError
 from mor_dist.tracking.lineage import REPLACED
 
 DEFAULT_URI = "sqlite:///runs/mlflow.db"  # training's default store with run.storage_path=runs
@@ -42,7 +43,7 @@ def find_runs(client: Any, experiment: Optional[str], run_ids: list[str], filter
         return [client.get_run(run_id) for run_id in run_ids]
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise ValueError(f"no experiment named {experiment!r} in {client.tracking_uri}")
+        raise ConfigError(f"no experiment named {experiment!r} in {client.tracking_uri}")
     runs = client.search_runs([found.experiment_id], filter_string, order_by=["attributes.start_time ASC"])
     return [run for run in runs if REPLACED not in run.data.tags]
 
@@ -128,13 +129,13 @@ def compare(tracking_uri: str, experiment: Optional[str], run_ids: list[str], pl
     from mlflow.exceptions import MlflowException
 
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
-        raise ValueError(f"no MLflow store at {tracking_uri} (train first, or pass --tracking-uri)")
+        raise ConfigError(f"no MLflow store at {tracking_uri} (train first, or pass --tracking-uri)")
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
         runs = find_runs(client, experiment, run_ids, filter_string)
     except MlflowException as err:
-        raise ValueError(err.message) from err
+        raise ConfigError(err.message) from err
     if not runs:
-        raise ValueError(f"no runs found in experiment {experiment!r} at {tracking_uri}")
+        raise ConfigError(f"no runs found in experiment {experiment!r} at {tracking_uri}")
     plot_loss(client, runs, plot_path)
     return format_table([summarize_run(client, run) for run in runs])

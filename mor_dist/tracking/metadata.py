@@ -61,10 +61,10 @@ def run_tags(cfg: JobConfig, hosts: int) -> dict[str, str]:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     return {
         "model_kind": m.kind,
-        "routing": cfg.routing.kind if m.kind == "mor" else "none",
+        "routing": cfg.routing.kind if cfg.layout.routed else "none",
         "num_recursions": str(m.num_recursions),
         "sharing": m.sharing if m.kind != "vanilla" else "none",
-        "kv": "shared" if cfg.routing.kv_sharing and m.kind == "mor" else "recursion_wise",
+        "kv": "shared" if cfg.routing.kv_sharing and cfg.layout.routed else "recursion_wise",
         "parallel_layout": f"tp{p.tp}-pp{p.pp}-dp{p.dp}" + ("-sp" if p.sequence_parallel else ""),
         "precision": f"fp8-{t.fp8_recipe}" if t.precision == "fp8" else t.precision,
         "git_commit": git_commit(),

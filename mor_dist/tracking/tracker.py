@@ -207,7 +207,7 @@ class Tracker:
 
         Files go to `validation/step_NNNNNN/` in the run directory and under the same artifact path.
         """
-        if self.cfg.model.kind != "mor" or not depths:
+        if not self.cfg.layout.routed or not depths:
             return
         toks, deps = torch.cat(tokens).cpu(), torch.cat(depths).cpu()
         n = self.cfg.model.num_recursions

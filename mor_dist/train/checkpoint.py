@@ -18,7 +18,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint.api import CheckpointException
 
-from mor_dist.train.catalog import file_entries, write_manifest
+from mor_dist.catalog import file_entries, write_manifest
 from mor_dist.train.trainable import Trainable
 
 NEARLY_FULL_BYTES = 16 * 2**20

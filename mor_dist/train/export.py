@@ -14,7 +14,7 @@ from megatron.core import dist_checkpointing
 
 from mor_dist.config import config_from_dict
 from mor_dist.errors import ConfigError
-from mor_dist.train.catalog import verify
+from mor_dist.catalog import verify
 
 
 def export(checkpoint: Path, out_file: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from mor_dist.model.flops import forward_flops_per_token
 from mor_dist.tracking.metadata import host_count
 from mor_dist.tracking.perf import mfu
 from mor_dist.tracking.tracker import Tracker
-from mor_dist.train.catalog import newest_whole, prune
+from mor_dist.catalog import newest_whole, prune
 from mor_dist.train.checkpoint import is_disk_full, storage_full, load_checkpoint, save_checkpoint
 from mor_dist.train.metrics import reduce_means
 from mor_dist.train.step import evaluate, train_step

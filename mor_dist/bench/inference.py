@@ -16,14 +16,12 @@ import json
 import math
 import shlex
 import statistics
-import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mor_dist.cli import non_negative_float, non_negative_int, positive_float, positive_int
+from mor_dist.cmdline import non_negative_float, non_negative_int, positive_float, positive_int
 from mor_dist.bench.report import GPU_MISSING, append_under, block, environment
 from mor_dist.config import REPO_ROOT, JobConfig, load_config
 from mor_dist.inference.engine import Engine
@@ -200,7 +198,6 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", category=UserWarning)
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -222,5 +219,3 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Command lines: `mor-pretrain`, `mor-export`, ... (console scripts) and `python jobs/<name>.py` run these."""

@@ -1,0 +1,90 @@
+"""The package's imports run one way: no cycle, lazy imports inside functions included."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Optional
+
+PACKAGE = Path(__file__).resolve().parent.parent / "mor_dist"
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (a package's __init__ is a module of its own)."""
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = name.split(".") if is_package else name.split(".")[:-1]
+                    anchor = anchor[:len(anchor) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> Optional[list[str]]:
+    """One import cycle as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> Optional[list[str]]:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (found := visit(target)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_package_has_no_import_cycle():
+    graph = import_graph(PACKAGE)
+    assert len(graph) > 50 and "mor_dist.layout" in graph["mor_dist.config"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_subpackages_import_one_way():
+    """The layers of docs/architecture.md: no subpackage or top-level module imports one that imports it back."""
+    layers: dict[str, set[str]] = {}
+    for name, targets in import_graph(PACKAGE).items():
+        source = name.split(".")[1] if "." in name else name
+        layers.setdefault(source, set()).update(t.split(".")[1] for t in targets if "." in t)
+    layers = {name: targets - {name} for name, targets in layers.items()}
+    for target in set().union(*layers.values()) - set(layers):
+        layers[target] = set()
+    assert find_cycle(layers) is None, " -> ".join(find_cycle(layers))
+
+
+def test_a_reintroduced_cycle_is_found(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "config.py").write_text("from pkg.errors import Error\n")
+    (package / "errors.py").write_text("class Error(Exception):\n    pass\n")
+    (package / "sub" / "plan.py").write_text("def plan():\n    from pkg.config import Error  # lazy\n")
+    assert find_cycle(import_graph(package)) is None
+    (package / "errors.py").write_text("def check():\n    from .sub import plan  # lazy, relative\n")
+    cycle = find_cycle(import_graph(package))
+    assert cycle is not None and cycle[0] == cycle[-1]
+    assert set(cycle) == {"pkg.errors", "pkg.sub.plan", "pkg.config"}
