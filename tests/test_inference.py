@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mor_dist.inference import bench
+from mor_dist.bench import inference as bench
 from mor_dist.bench.inference import max_batch
 from mor_dist.inference.engine import Engine
 from mor_dist.inference.generation import generate, load_checkpoint

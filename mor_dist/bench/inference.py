@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from mor_dist.cmdline import non_negative_float, non_negative_int, positive_float, positive_int
+from mor_dist.cmdline import command, non_negative_float, non_negative_int, positive_float, positive_int
 from mor_dist.bench.report import GPU_MISSING, append_under, block, environment
 from mor_dist.config import REPO_ROOT, JobConfig, load_config
 from mor_dist.inference.engine import Engine
@@ -196,6 +196,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from mor_dist.cmdline import non_negative_int, positive_int
+from mor_dist.cmdline import command, non_negative_int, positive_int
 from mor_dist.bench.baseline import build_baseline, vanilla_twin
 from mor_dist.bench.harness import init_world, reset_memory, synthetic_batches, timed_steps
 from mor_dist.bench.report import GPU_MISSING, Row, append_under, block, environment, table
@@ -118,6 +118,7 @@ def run(cfgs: list[tuple[str, JobConfig]], args: argparse.Namespace, on_cuda: bo
     return rows
 
 
+@command
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     on_cuda = torch.cuda.is_available()
