@@ -176,3 +176,33 @@ def test_kv_sharing_changes_later_recursions_only(build):
     shared.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 256, (2, cfg.model.seq_length))
     assert not torch.allclose(plain(ids), shared(ids), atol=1e-5)
+
+
+ISOFLOP_PRESETS = ["vanilla_360m", "recursive_360m_nr2", "recursive_360m_nr3", "recursive_360m_nr4", "mor_360m_nr2",
+                   "mor_360m_nr3", "mor_360m_nr4", "mor_360m_nr3_token_choice", "mor_360m_nr3_kv_sharing"]
+
+
+def test_the_360m_presets_spend_the_papers_budget_under_its_accounting():
+    """App. D accounting: the presets' step counts (the paper's) give 16.5e18 forward FLOPs each, within 1%."""
+    from mor_dist.model.flops import budget_flops_per_token, training_budget
+
+    budgets = {name: training_budget(load_config(f"configs/{name}.yaml")) for name in ISOFLOP_PRESETS}
+    for name, budget in budgets.items():
+        assert budget == pytest.approx(16.5e18, rel=0.01), name
+    per_token = {name: budget_flops_per_token(load_config(f"configs/{name}.yaml")).total
+                 for name in ("mor_360m_nr3", "mor_360m_nr3_kv_sharing", "vanilla_360m", "mor_360m_nr2")}
+    assert per_token["mor_360m_nr3_kv_sharing"] < per_token["mor_360m_nr3"]  # later recursions project no K/V
+    assert per_token["vanilla_360m"] / per_token["mor_360m_nr2"] == pytest.approx(26.46 / 19.79, rel=0.01)
+
+
+def test_executed_flops_count_what_runs():
+    """Executed FLOPs add the output layer and the routers to the layers as built (grouped K/V projections)."""
+    from mor_dist.model.flops import budget_flops_per_token, forward_flops_per_token, layer_matmul_params
+
+    vanilla = load_config("configs/vanilla_360m.yaml")
+    m = vanilla.model
+    executed, budget = forward_flops_per_token(vanilla, 49152), budget_flops_per_token(vanilla)
+    assert executed.attention == budget.attention
+    assert executed.matmul == 2 * (layer_matmul_params(vanilla) * m.num_layers + m.hidden_size * 49152)
+    grouped = 2 * m.hidden_size * 2 * (m.hidden_size - m.num_query_groups * m.hidden_size // m.num_attention_heads)
+    assert budget.matmul - (executed.matmul - 2 * m.hidden_size * 49152) == grouped * m.num_layers

@@ -1,4 +1,14 @@
-"""Forward FLOPs per token as the paper counts them (App. D), per recursion and capacity."""
+"""FLOPs per token, counted two ways (docs/flops.md).
+
+- Executed: what the hardware runs, for MFU and throughput: every matmul of the model as built
+  (grouped K/V projections, the output layer, the routers) plus causal attention (QK and AV), with
+  each recursion on the tokens its capacity selects.
+- Budget: the paper's App. D accounting, which its isoFLOP step counts follow: forward only,
+  non-embedding, 2 x (4 d^2 + 3 d f) per token and layer (q, k, v and o counted d x d whatever the
+  grouping), causal attention, capacities for MoR's recursions, and under recursive KV sharing no
+  K/V projection in later recursions, whose queries attend to all recursion-1 keys. Under it the
+  360M presets' step counts give 16.5e18 FLOPs each.
+"""
 
 from __future__ import annotations
 
@@ -38,36 +48,50 @@ def recursion_tokens(cfg: JobConfig, seq_len: int) -> list[int]:
     return [capacity_tokens(c, seq_len) for c in cfg.capacities]
 
 
-def forward_flops_per_token(cfg: JobConfig, vocab_size: int, seq_len: int | None = None) -> Flops:
-    """2 x matmul parameters per processed token plus causal attention, averaged over the sequence."""
+def _count(cfg: JobConfig, n: int, per_layer: float, kv_projection: float) -> Flops:
+    """Layers' matmuls and causal attention per token of an n-token sequence. `per_layer` is a layer's matmul
+    FLOPs per token; a later recursion under KV sharing skips `kv_projection` of them."""
     m = cfg.model
-    n = seq_len or m.seq_length
-    q_dim = m.hidden_size  # heads * head_dim
-    per_layer = 2 * layer_matmul_params(cfg)
+    plan = cfg.layout.plan
 
     def attention(queries: int, keys_avg: float) -> float:
-        return 4.0 * q_dim * queries * keys_avg  # QK and AV, 2 FLOPs per multiply-add
+        return 4.0 * m.hidden_size * queries * keys_avg  # QK and AV, 2 FLOPs per multiply-add
 
-    matmul = 2.0 * m.hidden_size * vocab_size * n  # output layer
-    attn = 0.0
-    layout = cfg.layout
-    plan = layout.plan
-    if not layout.routed:
+    if not cfg.layout.routed:
         depth = len(plan.unrolled)
-        matmul += per_layer * depth * n
-        attn += depth * attention(n, (n + 1) / 2)
-    else:
-        unique = len(plan.prefix) + len(plan.suffix)
-        matmul += per_layer * unique * n
-        attn += unique * attention(n, (n + 1) / 2)
-        tokens = recursion_tokens(cfg, n)
-        for r, k in enumerate(tokens):
-            matmul += per_layer * len(plan.block) * k
-            shared_kv = cfg.routing.kv_sharing and r > 0
-            attn += len(plan.block) * attention(k, (n + 1) / 2 if shared_kv else (k + 1) / 2)
-        if cfg.routing.kind == "expert_choice":
-            candidates = [n] + tokens[:-1]
-            matmul += 2.0 * m.hidden_size * sum(candidates)
-        else:
-            matmul += 2.0 * m.hidden_size * m.num_recursions * n
+        return Flops(per_layer * depth, depth * attention(n, (n + 1) / 2) / n)
+    unique = len(plan.prefix) + len(plan.suffix)
+    matmul, attn = per_layer * unique * n, unique * attention(n, (n + 1) / 2)
+    for r, k in enumerate(recursion_tokens(cfg, n)):
+        shared_kv = cfg.routing.kv_sharing and r > 0  # recursion-1 keys: every query sees all earlier positions
+        matmul += (per_layer - (kv_projection if shared_kv else 0.0)) * len(plan.block) * k
+        attn += len(plan.block) * attention(k, (n + 1) / 2 if shared_kv else (k + 1) / 2)
     return Flops(matmul / n, attn / n)
+
+
+def forward_flops_per_token(cfg: JobConfig, vocab_size: int, seq_len: int | None = None) -> Flops:
+    """Executed forward FLOPs per token: the layers as built, the output layer and the routers."""
+    m = cfg.model
+    n = seq_len or m.seq_length
+    layers = _count(cfg, n, 2.0 * layer_matmul_params(cfg), 0.0)  # KV sharing still projects K/V (kv_sharing.py)
+    extra = 2.0 * m.hidden_size * vocab_size  # output layer
+    if cfg.layout.routed and cfg.routing.kind == "expert_choice":
+        tokens = recursion_tokens(cfg, n)
+        extra += 2.0 * m.hidden_size * (n + sum(tokens[:-1])) / n  # each recursion's router scores its candidates
+    elif cfg.layout.routed:
+        extra += 2.0 * m.hidden_size * m.num_recursions
+    return Flops(layers.matmul + extra, layers.attention)
+
+
+def budget_flops_per_token(cfg: JobConfig) -> Flops:
+    """The paper's App. D accounting per token (see the module docstring)."""
+    m = cfg.model
+    d = m.hidden_size
+    per_layer = 2.0 * (4 * d * d + 3 * d * m.ffn_hidden_size)
+    return _count(cfg, m.seq_length, per_layer, 2.0 * 2 * d * d)
+
+
+def training_budget(cfg: JobConfig) -> float:
+    """The run's compute budget under the paper's accounting: train.steps x tokens per step x budget FLOPs."""
+    t = cfg.train
+    return budget_flops_per_token(cfg).total * t.steps * t.global_batch_size * cfg.model.seq_length

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from mor_dist.config import JobConfig
-from mor_dist.model.flops import forward_flops_per_token, recursion_tokens
+from mor_dist.model.flops import budget_flops_per_token, forward_flops_per_token, recursion_tokens, training_budget
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,9 @@ class ModelSummary:
     unique_layers: int
     non_embedding_params: int
     embedding_params: int
-    flops_per_token: float
+    flops_per_token: float  # executed (MFU)
+    budget_per_token: float  # the paper's App. D accounting
+    training_budget: float  # train.steps x tokens per step x budget_per_token
     recursion_tokens: list[int]
 
     def lines(self, cfg: JobConfig) -> list[str]:
@@ -35,7 +37,11 @@ class ModelSummary:
             f"embedding parameters             {self.embedding_params / 1e6:,.1f}M"
             + (" (tied with the output layer)" if m.tie_embeddings else ""),
             f"tokens per recursion (of {m.seq_length})  {self.recursion_tokens}",
-            f"forward FLOPs per token          {self.flops_per_token / 1e9:,.4f} GFLOP (paper App. D count)",
+            f"forward FLOPs per token          {self.flops_per_token / 1e9:,.4f} GFLOP executed (output layer, "
+            "routers, grouped K/V: what MFU counts)",
+            f"                                 {self.budget_per_token / 1e9:,.4f} GFLOP in the paper's App. D accounting",
+            f"training budget                  {self.training_budget:.3e} FLOPs (App. D) = {cfg.train.steps:,} steps x "
+            f"{cfg.train.global_batch_size * m.seq_length:,} tokens",
             f"parallel         tp={cfg.parallel.tp} pp={cfg.parallel.pp} dp={cfg.parallel.dp} "
             f"-> {cfg.world_size} workers",
         ]
@@ -66,5 +72,7 @@ def summarize(cfg: JobConfig, vocab_size: int) -> ModelSummary:
         non_embedding_params=total - embedding,
         embedding_params=embedding,
         flops_per_token=forward_flops_per_token(cfg, vocab_size).total,
+        budget_per_token=budget_flops_per_token(cfg).total,
+        training_budget=training_budget(cfg),
         recursion_tokens=recursion_tokens(cfg, m.seq_length) if plan.num_recursions > 1 else [m.seq_length],
     )
