@@ -29,7 +29,7 @@ class ModelConfig:
     num_query_groups: int = 2
     ffn_hidden_size: int = 192
     seq_length: int = 128
-    vocab_size: Optional[int] = None  # None: the tokenizer's size, padded to a multiple of 128 * tp
+    vocab_size: Optional[int] = None  # None: the tokenizer's size, padded to a multiple of 1024 (tp up to 8)
     num_recursions: int = 3
     sharing: Literal["cycle", "sequence", "middle_cycle", "middle_sequence"] = "middle_cycle"
     rotary_base: float = 10000.0

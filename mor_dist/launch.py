@@ -84,17 +84,18 @@ def local_resources(cfg: JobConfig) -> dict[str, float]:
 
 
 def vocab_for(cfg: JobConfig, tokenizer_vocab: int, saved: Optional[dict]) -> int:
-    """The padded vocabulary: a resumed run keeps its checkpoint's (the embedding's shape), else the tokenizer's
-    padded to a multiple of 128 * tp, as Megatron does."""
+    """The padded vocabulary: a resumed run keeps its checkpoint's (the embedding's shape), else model.vocab_size or
+    the tokenizer's padded to a multiple of 1024 (the same for every layout). It must split over parallel.tp."""
     from mor_dist.data import padded_vocab_size
 
     if saved is not None and saved.get("vocab_size"):
-        vocab = saved["vocab_size"]
-        if vocab % cfg.parallel.tp:
-            raise ConfigError(f"the checkpoint's padded vocabulary ({vocab}) does not split over parallel.tp="
-                              f"{cfg.parallel.tp}; use a parallel.tp that divides it")
-        return vocab
-    return cfg.model.vocab_size or padded_vocab_size(tokenizer_vocab, cfg.parallel.tp)
+        vocab, source = saved["vocab_size"], "the checkpoint's padded vocabulary"
+    else:
+        vocab, source = cfg.model.vocab_size or padded_vocab_size(tokenizer_vocab), "the padded vocabulary"
+    if vocab % cfg.parallel.tp:
+        raise ConfigError(f"{source} ({vocab}) does not split over parallel.tp={cfg.parallel.tp}; use a parallel.tp "
+                          "that divides it")
+    return vocab
 
 
 def connect_ray(resources: Optional[dict[str, float]] = None) -> dict[str, float]:
@@ -114,10 +115,10 @@ def connect_ray(resources: Optional[dict[str, float]] = None) -> dict[str, float
 
 def dry_run(cfg: JobConfig) -> str:
     """What `--dry-run` prints: layout, depth, parameter counts and FLOPs per token (no Ray, no data)."""
-    from mor_dist.data import load_tokenizer, padded_vocab_size
+    from mor_dist.data import load_tokenizer
     from mor_dist.model.summary import summarize
 
-    vocab = cfg.model.vocab_size or padded_vocab_size(load_tokenizer(cfg.data.tokenizer).vocab_size, cfg.parallel.tp)
+    vocab = vocab_for(cfg, load_tokenizer(cfg.data.tokenizer).vocab_size, None)
     return "\n".join(summarize(cfg, vocab).lines(cfg))
 
 

@@ -29,7 +29,7 @@ def prepared(tmp_path_factory):
     from mor_dist.data import padded_vocab_size, prepare_data
 
     data = prepare_data(load_config(None, BASE), tmp_path_factory.mktemp("cache"))
-    return data, padded_vocab_size(data.vocab_size, 2)
+    return data, padded_vocab_size(data.vocab_size)
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +100,16 @@ def test_resume_into_a_different_model_is_refused_before_launch(tp2_run, tmp_pat
 def test_a_resumed_run_keeps_its_checkpoints_vocabulary(prepared, tp2_run):
     from mor_dist.launch import vocab_for
 
-    data, vocab = prepared  # padded for tp=2, as the tp=2 run saved it
+    data, vocab = prepared
     _, run_dir = tp2_run
     saved = read_manifest(run_dir / "checkpoint_000004")
     assert saved["vocab_size"] == vocab
-    tp1 = load_config(None, BASE)
-    assert vocab_for(tp1, data.vocab_size, None) < vocab  # a fresh tp=1 run pads less
-    assert vocab_for(tp1, data.vocab_size, saved) == vocab  # the embedding keeps the checkpoint's shape
+    tp1, tp2 = load_config(None, BASE), load_config(None, BASE + ["parallel.tp=2"])
+    assert vocab_for(tp1, data.vocab_size, None) == vocab_for(tp2, data.vocab_size, None) == vocab  # any layout
+    older = {**saved, "vocab_size": 50432}  # padded by an earlier version for tp=2
+    assert vocab_for(tp1, data.vocab_size, older) == 50432  # the embedding keeps the checkpoint's shape
     with pytest.raises(ConfigError, match="does not split over parallel.tp=2"):
-        vocab_for(load_config(None, BASE + ["parallel.tp=2"]), data.vocab_size, {**saved, "vocab_size": vocab + 1})
+        vocab_for(tp2, data.vocab_size, {**saved, "vocab_size": vocab + 1})
 
 
 def test_export_gives_a_single_file_model_with_the_checkpoint_weights(prepared, tp2_run, tmp_path):

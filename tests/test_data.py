@@ -98,10 +98,9 @@ def test_tokenizer_round_trip_and_gpt2_ids(tokenizer, corpus):
     assert tokenizer.encode("<|endoftext|>") == [50256]
 
 
-def test_padded_vocab_size():
-    assert padded_vocab_size(50257, 1) == 50304
-    assert padded_vocab_size(50257, 2) == 50432
-    assert padded_vocab_size(256, 2) == 256
+def test_padded_vocab_size_serves_every_tp_up_to_8():
+    assert padded_vocab_size(50257) == 51200 and padded_vocab_size(49152) == 49152
+    assert padded_vocab_size(256) == 1024 and all(padded_vocab_size(50257) % tp == 0 for tp in (1, 2, 4, 8))
 
 
 def test_tokenizer_from_local_file_and_directory(tokenizer, tmp_path):

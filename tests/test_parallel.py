@@ -25,7 +25,7 @@ def prepared(tmp_path_factory):
     from mor_dist.data import padded_vocab_size, prepare_data
 
     data = prepare_data(load_config(None, BASE), tmp_path_factory.mktemp("cache"))
-    return data.directory, padded_vocab_size(data.vocab_size, 2)
+    return data.directory, padded_vocab_size(data.vocab_size)  # what launch gives every layout by default
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -40,6 +40,7 @@ def test_first_five_losses_equal_across_layouts(prepared, tmp_path, kind):
     assert len(reference) == 5 and reference[-1] < reference[0]  # it trains
     for layout, values in losses.items():
         assert values == pytest.approx(reference, rel=1e-4), layout
+    assert losses[(2, 2, 1)] == pytest.approx(reference, rel=1e-5)  # the default vocabulary is the same at any tp
 
 
 def _stage_parameters(overrides: list[str]) -> dict:

@@ -167,7 +167,7 @@ def test_a_full_disk_while_checkpointing_names_the_path_and_leaves_no_partial_fi
                             "train.global_batch_size=4"]
     data = prepare_data(load_config(None, overrides), tmp_path / "cache")
     with pytest.raises(Exception) as err:
-        run_world(1, overrides, data.directory, padded_vocab_size(data.vocab_size, 1), small_mount / "out")
+        run_world(1, overrides, data.directory, padded_vocab_size(data.vocab_size), small_mount / "out")
     assert "no space left on the device holding" in str(err.value) and str(small_mount) in str(err.value)
     assert not list((small_mount / "out" / "run").glob("checkpoint_*"))  # room for the retry
 

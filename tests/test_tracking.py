@@ -55,7 +55,7 @@ class Runner:
                 raise Interrupted
 
         run_dir = self.root / cfg.run.name
-        train(cfg, prepared.directory, padded_vocab_size(prepared.vocab_size, 1), run_dir, False,
+        train(cfg, prepared.directory, padded_vocab_size(prepared.vocab_size), run_dir, False,
               Hooks(0, report, lambda step: Path(tempfile.mkdtemp(prefix=f"ckpt-{step}-", dir=self.root)),
                     resume, launch))
         return run_dir

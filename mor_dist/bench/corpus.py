@@ -36,7 +36,7 @@ def export(seq_length: int, out: Path) -> Path:
     with tempfile.TemporaryDirectory() as cache:
         prepared = prepare_data(cfg, cache)
         rows = np.asarray(prepared.sequences("train"))
-        vocab = padded_vocab_size(prepared.vocab_size, 1)
+        vocab = padded_vocab_size(prepared.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"shipped_seq{seq_length}.npz"
     np.savez(path, rows=rows, vocab_size=np.int64(vocab))

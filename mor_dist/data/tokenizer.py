@@ -45,10 +45,12 @@ class Tokenizer:
         return self.backend.to_str()
 
 
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """Round the vocabulary up to a multiple of 128 * tp, as Megatron does."""
-    multiple = 128 * tp
-    return -(-vocab_size // multiple) * multiple
+VOCAB_MULTIPLE = 1024  # Megatron's 128 per tensor-parallel rank, for every tp up to 8: one model whatever the layout
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    """Round the vocabulary up to a multiple of 1024, so the embedding splits over tp = 1, 2, 4 or 8 alike."""
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def _looks_like_path(spec: str) -> bool:

@@ -69,7 +69,7 @@ def generate_text(prompt: str, cfg: Optional[JobConfig] = None, checkpoint: Opti
         model, cfg = load_checkpoint(checkpoint, on_cuda)
     elif cfg is not None:
         tok = load_tokenizer(cfg.data.tokenizer)
-        model = build_single(cfg, cfg.model.vocab_size or padded_vocab_size(tok.vocab_size, 1), on_cuda)
+        model = build_single(cfg, cfg.model.vocab_size or padded_vocab_size(tok.vocab_size), on_cuda)
     else:
         raise ConfigError("generate_text needs a config or a checkpoint")
     tok = load_tokenizer(cfg.data.tokenizer)
