@@ -116,8 +116,10 @@ def test_tiny_run_logs_params_tags_metrics_and_artifacts(tiny_run, client, runne
                 "router/r2/rule_agreement", "router/r2/bce_loss"):
         assert steps(client, run_id, key) == [2, 4, 6], key
     for key in ("val/loss", "val/ppl", "router/val/dead_token_ratio", "router/val/depth1_reached",
-                "router/val/depth3_reached", "router/val/mean_depth"):
+                "router/val/depth3_reached", "router/val/mean_depth", "val/causal_loss", "val/routing_gap"):
         assert steps(client, run_id, key) == [6], key
+    gap = run.data.metrics["val/causal_loss"] - run.data.metrics["val/loss"]
+    assert run.data.metrics["val/routing_gap"] == pytest.approx(gap) and gap != 0.0  # two rules, two passes
     metrics = run.data.metrics
     assert 0.0 < metrics["perf/mfu"] < 1.0
     assert metrics["router/val/depth1_reached"] == 1.0 and 0 < metrics["router/val/depth3_reached"] < 1

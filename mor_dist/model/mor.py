@@ -115,6 +115,7 @@ class MoRModel(LanguageModule):
                 module.kv_state = self.kv_state
         self.router_stats: dict[str, torch.Tensor] = {}
         self.token_depths: Optional[torch.Tensor] = None  # [b, s] recursions each token took, when known
+        self.eval_rule = cfg.routing.inference_rule  # expert-choice routing in eval mode: topk or threshold
 
     # ------------------------------------------------------------ helpers
 
@@ -272,10 +273,13 @@ class MoRModel(LanguageModule):
                   labels: Optional[torch.Tensor]):
         """One chunk as a pipeline stage runs it: the received message in, the message to send (or the loss) out."""
         self.router_stats, self.token_depths = {}, None
-        causal = not self.training and self.cfg.routing.inference_rule == "threshold"
         carry = None if chunk.first else self.unpack(message, chunk)
-        out = self.forward_chunk(chunk, carry, input_ids, labels, causal)
+        out = self.forward_chunk(chunk, carry, input_ids, labels, self.causal_now())
         return out if chunk.last else self.pack(out)
+
+    def causal_now(self) -> bool:
+        """Whether expert-choice routing uses the causal threshold rule now (eval mode with eval_rule=threshold)."""
+        return not self.training and self.eval_rule == "threshold"
 
     def set_input_tensor(self, input_tensor) -> None:
         """Unused with one stage (PipelineChunk takes the schedule's input for each chunk)."""
@@ -286,12 +290,12 @@ class MoRModel(LanguageModule):
         """Token ids [b, s] -> per-token loss [b, s] (with labels) or vocab-parallel logits [b, s, v/tp].
 
         `causal_routing`: expert-choice uses the threshold rule instead of top-k; None follows
-        routing.inference_rule in eval mode and top-k in training. One pipeline stage only.
+        eval_rule (routing.inference_rule) in eval mode and top-k in training. One pipeline stage only.
         """
         if not (self.pre_process and self.post_process):
             raise RuntimeError("MoRModel.forward runs a whole model; pipeline stages run PipelineChunks")
         if causal_routing is None:
-            causal_routing = not self.training and self.cfg.routing.inference_rule == "threshold"
+            causal_routing = self.causal_now()
         self.router_stats, self.token_depths = {}, None
         carry = None
         for vs in self.chunks:

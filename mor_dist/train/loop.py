@@ -26,7 +26,7 @@ from mor_dist.tracking.tracker import Tracker
 from mor_dist.catalog import newest_whole, prune
 from mor_dist.train.checkpoint import is_disk_full, storage_full, load_checkpoint, save_checkpoint
 from mor_dist.train.metrics import reduce_means
-from mor_dist.train.step import evaluate, train_step
+from mor_dist.train.step import evaluate, train_step, validation_keys
 from mor_dist.train.trainable import Trainable
 
 
@@ -86,6 +86,8 @@ class Progress:
             parts.append(f"loss {metrics['loss']:.4f}")
         if "val_loss" in metrics:
             parts.append(f"val {metrics['val_loss']:.4f}")
+        if "val_causal_loss" in metrics:
+            parts.append(f"causal {metrics['val_causal_loss']:.4f}")
         parts.append(f"{metrics.get('perf/tokens_per_s', 0.0):,.0f} tok/s")
         parts.append(f"left {time.strftime('%H:%M:%S', time.gmtime(left))}")
         return " | ".join(parts)
@@ -179,9 +181,11 @@ def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
             metrics["tokens"] = float(step * tokens_per_step)
             if ev:
                 val_metrics, val_state = evaluate(run, val_batches)
-                metrics.update(reduce_means(val_metrics, ["val_loss"]))
+                metrics.update(reduce_means(val_metrics, validation_keys(run)))
                 if "val_loss" in metrics:
                     metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+                if "val_causal_loss" in metrics:  # what generation's causal routing costs against top-k
+                    metrics["val_routing_gap"] = metrics["val_causal_loss"] - metrics["val_loss"]
                 if tracker is not None:
                     tracker.log_validation(step, val_state.tokens, val_state.depths)
             directory = None

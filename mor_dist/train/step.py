@@ -99,13 +99,29 @@ def train_step(run: Trainable, data_iterator: Iterator) -> dict[str, float]:
     return metrics
 
 
+def validation_keys(run: Trainable) -> list[str]:
+    """The validation losses `evaluate` measures (the same on every rank)."""
+    two_rules = run.layout.routed and run.cfg.routing.kind == "expert_choice"
+    return ["val_loss", "val_causal_loss"] if two_rules else ["val_loss"]
+
+
 @torch.no_grad()
 def evaluate(run: Trainable, batches: list[dict[str, torch.Tensor]]) -> tuple[dict[str, float], StepState]:
-    """Validation loss over fixed batches (eval mode: routing follows routing.inference_rule).
+    """Validation loss over fixed batches with top-k routing (the paper's), and for expert-choice MoR also with
+    the causal threshold rule that generation uses (`val_causal_loss`).
 
-    The returned state holds the validation tokens and each token's depth on the router's stage.
+    The returned state holds the validation tokens and each token's depth on the router's stage (top-k pass).
     """
     run.ddp.eval()
-    metrics, state = run_microbatches(run, iter(batches), len(batches), True)
-    run.ddp.train()
-    return ({"val_loss": metrics["lm_loss"]} if metrics else {}), state
+    model, losses, states = run.model, {}, {}
+    rule = model.eval_rule
+    try:
+        for key, eval_rule in zip(validation_keys(run), ("topk", "threshold")):
+            model.eval_rule = eval_rule
+            metrics, states[eval_rule] = run_microbatches(run, iter(batches), len(batches), True)
+            if metrics:
+                losses[key] = metrics["lm_loss"]
+    finally:
+        model.eval_rule = rule
+        run.ddp.train()
+    return losses, states["topk"]
