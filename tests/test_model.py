@@ -171,11 +171,27 @@ def test_vanilla_and_recursive_come_from_the_same_code(build):
 
 
 def test_kv_sharing_changes_later_recursions_only(build):
-    plain, cfg = build()
-    shared, _ = build("routing.kv_sharing=true")
+    """Same weights with and without KV sharing: recursion 1 (which records the K/V) gives the same outputs, so
+    recursion 2 picks the same tokens; only the tokens that reach recursion 2 or 3 end up elsewhere."""
+    plain, cfg = build("model.init_method_std=0.2")
+    shared, _ = build("model.init_method_std=0.2", "routing.kv_sharing=true")
     shared.load_state_dict(plain.state_dict())
-    ids = torch.randint(0, 256, (2, cfg.model.seq_length))
-    assert not torch.allclose(plain(ids), shared(ids), atol=1e-5)
+    suffix = plain.plan.suffix[0]
+    ids = torch.randint(0, 256, (2, cfg.model.seq_length), generator=torch.Generator().manual_seed(0))
+    before_suffix, depths = {}, {}
+    for name, model in (("plain", plain), ("shared", shared)):
+        layer = model.layers[model.slot_index[suffix]]
+        hook = layer.register_forward_pre_hook(lambda _m, args, name=name: before_suffix.__setitem__(name, args[0]))
+        with torch.no_grad():
+            model(ids)
+        hook.remove()
+        depths[name] = model.token_depths.t()  # [s, b]
+    assert torch.equal(depths["plain"] >= 2, depths["shared"] >= 2)  # recursion 2's choice: recursion-1 outputs
+    once = depths["plain"] == 1
+    assert once.any() and (~once).any()
+    diff = (before_suffix["plain"] - before_suffix["shared"]).abs().amax(-1)  # [s, b]
+    assert diff[once].max() < 1e-6  # tokens that stopped after recursion 1: untouched
+    assert diff[~once].max() > 1e-3  # tokens that went on attended to recursion-1 keys instead
 
 
 ISOFLOP_PRESETS = ["vanilla_360m", "recursive_360m_nr2", "recursive_360m_nr3", "recursive_360m_nr4", "mor_360m_nr2",
