@@ -222,3 +222,35 @@ def test_executed_flops_count_what_runs():
     assert executed.matmul == 2 * (layer_matmul_params(vanilla) * m.num_layers + m.hidden_size * 49152)
     grouped = 2 * m.hidden_size * 2 * (m.hidden_size - m.num_query_groups * m.hidden_size // m.num_attention_heads)
     assert budget.matmul - (executed.matmul - 2 * m.hidden_size * 49152) == grouped * m.num_layers
+
+
+def test_the_causal_rule_thresholds_what_the_bce_calibrates_whatever_the_gate(build):
+    """routing.activation=tanh gates with tanh, but the rule compares sigmoid(logit) with the threshold (the BCE
+    trains sigmoid(logit) towards top-k membership); tanh(logit) >= 0.5 would pick other tokens."""
+    model, cfg = build("routing.activation=tanh", "model.init_method_std=0.2")
+    h = torch.randn(cfg.model.seq_length, 2, cfg.model.hidden_size)
+    first, _ = model.router.select(0, h, None, causal=True)
+    second, _ = model.router.select(1, h, first, causal=True)
+    logits = (gather_tokens(h, first.indices) @ model.router.weight[1]).t().float()  # [b, candidates]
+    expected = (torch.sigmoid(logits) >= cfg.routing.threshold) & first.valid
+    chosen = torch.zeros_like(expected).scatter(1, second.indices, second.valid)
+    assert torch.equal(chosen, expected)
+    assert not torch.equal(expected, (torch.tanh(logits) >= cfg.routing.threshold) & first.valid)
+
+
+def test_the_bce_averages_over_real_candidates_only(build):
+    """After a causal recursion the candidates are padded; padding counts in neither the sum nor the mean."""
+    import torch.nn.functional as F
+
+    model, cfg = build("model.init_method_std=0.2")
+    h = torch.randn(cfg.model.seq_length, 2, cfg.model.hidden_size)
+    first, _ = model.router.select(0, h, None, causal=True)  # capacity 1: every token
+    second, _ = model.router.select(1, h, first, causal=True)
+    third, _ = model.router.select(2, h, second, causal=True)
+    assert not second.valid.all()  # the causal rule leaves ragged rows
+    logits = (gather_tokens(h, second.indices) @ model.router.weight[2]).t().float()
+    chosen = torch.stack([torch.isin(second.indices[b], third.indices[b][third.valid[b]]) for b in range(2)]).float()
+    real = second.valid
+    expected = F.binary_cross_entropy_with_logits(logits[real], chosen[real])
+    bce = third.stats["r3/bce_loss"] / cfg.routing.aux_loss_coeff
+    assert float(bce) == pytest.approx(float(expected), rel=1e-5)

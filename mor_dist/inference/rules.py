@@ -32,8 +32,9 @@ class ExpertRule:
         r = toks.depth.clamp(max=self.n - 1)
         logits = (toks.h @ router.weight.t()).float().gather(1, r[:, None])[:, 0]
         probs = router._activate(logits)
-        decide = probs if router.aux_weight is None else torch.sigmoid(
-            (toks.h @ router.aux_weight.t()).float().gather(1, r[:, None])[:, 0])
+        aux_logits = None if router.aux_weight is None else \
+            (toks.h @ router.aux_weight.t()).float().gather(1, r[:, None])[:, 0]
+        decide = router.rule_score(logits, aux_logits)
         takes_all, threshold = self._takes_all[r], self._threshold[r]
         live = toks.depth < self.n
         if self.trace is not None:

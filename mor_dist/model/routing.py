@@ -107,6 +107,12 @@ class ExpertChoiceRouter(MegatronModule):
             return torch.tanh(logits)
         raise ValueError("expert-choice routing needs routing.activation sigmoid or tanh")
 
+    @staticmethod
+    def rule_score(logits: torch.Tensor, aux_logits: Optional[torch.Tensor]) -> torch.Tensor:
+        """What the causal rule thresholds: sigmoid of the (aux) router logits, which the BCE loss calibrates
+        towards top-k membership, whatever activation the gate uses."""
+        return torch.sigmoid(aux_logits if aux_logits is not None else logits)
+
     def select(self, r: int, h: torch.Tensor, prev: Optional[Selection], causal: bool) -> tuple[Selection, torch.Tensor]:
         """Choose recursion r's tokens among prev's; returns the selection and its auxiliary loss."""
         s, b, _ = h.shape
@@ -115,12 +121,12 @@ class ExpertChoiceRouter(MegatronModule):
         x = gather_tokens(h, cand_idx)  # [c, b, d]
         logits = (x @ self.weight[r].unsqueeze(-1)).squeeze(-1).t().float()  # [b, c]
         probs = self._activate(logits)
+        aux_logits = None if self.aux_weight is None else \
+            (x.detach() @ self.aux_weight[r].unsqueeze(-1)).squeeze(-1).t().float()
         if causal and self.capacities[r] >= 1.0:
             local, valid = ragged_indices(cand_valid if cand_valid is not None else torch.ones_like(probs, dtype=torch.bool))
         elif causal:
-            decide = probs if self.aux_weight is None else torch.sigmoid(
-                (x.detach() @ self.aux_weight[r].unsqueeze(-1)).squeeze(-1).t().float())
-            active = decide >= self.routing.threshold
+            active = self.rule_score(logits, aux_logits) >= self.routing.threshold
             if cand_valid is not None:
                 active &= cand_valid
             local, valid = ragged_indices(active)
@@ -129,7 +135,7 @@ class ExpertChoiceRouter(MegatronModule):
             local = torch.topk(probs, k, dim=1, sorted=False).indices.sort(dim=1).values
             valid = None
         chosen = torch.zeros_like(probs).scatter(1, local, 1.0 if valid is None else valid.float())
-        aux, aux_parts = self._aux_losses(r, logits, x, chosen, cand_valid)
+        aux, aux_parts = self._aux_losses(logits, aux_logits, chosen, cand_valid)
         weights = probs.gather(1, local) * self.alpha
         if self.routing.gating == "identity":
             weights = torch.ones_like(weights)
@@ -137,26 +143,32 @@ class ExpertChoiceRouter(MegatronModule):
         stats = {
             f"r{r + 1}/selected_frac": count.detach() / s,
             f"r{r + 1}/mean_weight": weights.detach().mean(),
-            f"r{r + 1}/rule_agreement": ((probs.detach() >= self.routing.threshold).float() == chosen).float().mean(),
+            f"r{r + 1}/rule_agreement": ((self.rule_score(logits, aux_logits).detach() >= self.routing.threshold)
+                                         .float() == chosen).float().mean(),
             **{f"r{r + 1}/{name}": value.detach() for name, value in aux_parts.items()},
         }
         sel = Selection(cand_idx.gather(1, local), weights.t().unsqueeze(-1).to(h.dtype), valid, stats)
         return sel, aux
 
-    def _aux_losses(self, r: int, logits: torch.Tensor, x: torch.Tensor, chosen: torch.Tensor,
+    def _aux_losses(self, logits: torch.Tensor, aux_logits: Optional[torch.Tensor], chosen: torch.Tensor,
                     cand_valid: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """BCE towards the top-k membership (the causal rule's training signal), z-loss, aux router.
+        """BCE towards the top-k membership (the causal rule's training signal), z-loss, aux router; padded
+        candidates (after a causal recursion) count in neither the sum nor the mean.
 
         Returns the total and each weighted term by name.
         """
-        weight = None if cand_valid is None else cand_valid.float()
-        parts = {"bce_loss": self.routing.aux_loss_coeff * F.binary_cross_entropy_with_logits(logits, chosen,
-                                                                                              weight=weight)}
+        def bce(values: torch.Tensor) -> torch.Tensor:
+            if cand_valid is None:
+                return F.binary_cross_entropy_with_logits(values, chosen)
+            weight = cand_valid.float()
+            total = F.binary_cross_entropy_with_logits(values, chosen, weight=weight, reduction="sum")
+            return total / weight.sum().clamp(min=1.0)
+
+        parts = {"bce_loss": self.routing.aux_loss_coeff * bce(logits)}
         if self.routing.z_loss_coeff:
             parts["z_loss"] = self.routing.z_loss_coeff * logits.pow(2).mean()
-        if self.aux_weight is not None:
-            aux_logits = (x.detach() @ self.aux_weight[r].unsqueeze(-1)).squeeze(-1).t().float()
-            parts["aux_router_loss"] = F.binary_cross_entropy_with_logits(aux_logits, chosen, weight=weight)
+        if aux_logits is not None:
+            parts["aux_router_loss"] = bce(aux_logits)
         return sum(parts.values()), parts
 
 
