@@ -59,18 +59,35 @@ def test_fp8_device_rules():
     assert fp8_unsupported("blockwise", (9, 0), "13.0") is None
 
 
-@pytest.mark.parametrize("name", ["tiny_mor", "mor_360m_nr2", "mor_360m_nr3", "mor_360m_nr4", "mor_1p7b_nr3"])
-def test_fp8_rounds_every_recursion_to_16_tokens(name):
-    cfg = load_config(REPO_ROOT / "configs" / f"{name}.yaml", ["train.precision=fp8"])
-    multiple = token_multiple(cfg)
-    assert multiple == FP8_MULTIPLE
-    seq = cfg.model.seq_length
-    for c in cfg.capacities:
-        k = capacity_tokens(c, seq, multiple)
-        assert k % FP8_MULTIPLE == 0 and capacity_tokens(c, seq) <= k <= seq
-        assert all(k * b % FP8_MULTIPLE == 0 for b in (1, 3, cfg.train.micro_batch_size))
+def test_fp8_and_sequence_parallel_pad_selections_with_masked_rows():
+    assert token_multiple(load_config(None, ["train.precision=fp8"])) == FP8_MULTIPLE
     assert token_multiple(load_config(None, ["parallel.tp=2", "parallel.sequence_parallel=true"])) == 2
     assert token_multiple(load_config(None, [])) == 1
+
+
+@pytest.mark.parametrize("overrides", [[], ["routing.kind=token_choice"]])
+def test_padded_selections_select_the_same_tokens_and_give_the_same_model(build, overrides):
+    """With selections padded to 16 rows (as FP8 needs), every recursion still takes exactly k_r = floor(c_r L)
+    tokens (top-k) and the model's outputs do not change: the padding is masked, not extra tokens."""
+    model, cfg = build("model.init_method_std=0.2", *overrides)
+    ids = torch.randint(0, 256, (3, cfg.model.seq_length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids, labels=ids)
+        depths = model.token_depths.clone()
+        model.token_multiple = FP8_MULTIPLE
+        if model.router is not None and hasattr(model.router, "token_multiple"):
+            model.router.token_multiple = FP8_MULTIPLE
+        padded = model(ids, labels=ids)
+    torch.testing.assert_close(padded, reference, rtol=0, atol=1e-6)
+    assert torch.equal(model.token_depths, depths)
+    if not overrides:  # expert-choice: the selections themselves
+        h = torch.randn(cfg.model.seq_length, 3, cfg.model.hidden_size)
+        prev = None
+        for r, c in enumerate(cfg.capacities):
+            prev, _ = model.router.select(r, h, prev, causal=False)
+            rows, k = prev.indices.shape[1], capacity_tokens(c, cfg.model.seq_length)
+            assert rows % FP8_MULTIPLE == 0 or rows == cfg.model.seq_length
+            assert (prev.valid.sum(1).tolist() if prev.valid is not None else [rows] * 3) == [k] * 3
 
 
 def test_fp8_pad_rows_make_token_counts_gemm_friendly(world):

@@ -5,7 +5,8 @@ rule (one outer autocast per layer run for delayed scaling, one autocast per lay
 and block scaling). MoR's shared block runs N_r times per forward, and delayed scaling's amax
 history is overwritten when a module runs twice before the reduction at autocast exit, so delayed
 scaling is refused unless every layer runs once (`model.kind=vanilla`). FP8 GEMMs need token
-counts divisible by 16: capacities are rounded (token_multiple) and ragged selections padded.
+counts divisible by 16: every selection is padded to a multiple of 16 rows (token_multiple) with
+masked rows after the real tokens, so the model selects the same tokens as without FP8.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def check_options(cfg: JobConfig, on_cuda: bool) -> None:
 
 
 def token_multiple(cfg: JobConfig) -> int:
-    """Per-recursion token counts are rounded to this: 16 for FP8 GEMMs, the TP size under sequence parallelism."""
+    """Rows of every recursion's selection are padded to this: 16 for FP8 GEMMs, the TP size under sequence
+    parallelism (the padding is masked: the selected tokens do not change)."""
     return math.lcm(FP8_MULTIPLE if cfg.train.precision == "fp8" else 1,
                     cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
 

@@ -53,8 +53,8 @@ def _mask(sel: Optional[Selection], b: int, s: int, device: torch.device) -> tor
     return mask.scatter(1, sel.indices, src)
 
 
-def _selection(mask: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    idx, valid = ragged_indices(mask > 0.5)
+def _selection(mask: torch.Tensor, multiple: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    idx, valid = ragged_indices(mask > 0.5, multiple)
     return idx, (None if bool(valid.all()) else valid)
 
 
@@ -74,11 +74,11 @@ def pack_expert(carry: Carry, full: Callable, meta_rows: int) -> torch.Tensor:
     return torch.cat([h, xfull, meta])
 
 
-def unpack_expert(msg: torch.Tensor, vs: ChunkPlan, seq: int, shard: Callable) -> Carry:
-    """Inverse of pack_expert for the chunk `vs` that receives it."""
+def unpack_expert(msg: torch.Tensor, vs: ChunkPlan, seq: int, shard: Callable, multiple: int) -> Carry:
+    """Inverse of pack_expert for the chunk `vs` that receives it (selections padded to `multiple` rows)."""
     h, xfull, meta = msg[:seq], msg[seq:2 * seq], msg[2 * seq:]
     gate_full, mask, depths = unpack_meta(meta, 3, seq)
-    idx, valid = _selection(mask)
+    idx, valid = _selection(mask, multiple)
     carry = Carry(h=h, depths=depths.round().long())
     if vs.route:
         carry.prev = Selection(idx, None, valid)
@@ -101,13 +101,13 @@ def pack_token(carry: Carry, full: Callable, meta_rows: int) -> torch.Tensor:
     return torch.cat([h, state, meta])
 
 
-def unpack_token(msg: torch.Tensor, vs: ChunkPlan, seq: int, shard: Callable) -> Carry:
-    """Inverse of pack_token for the chunk `vs` that receives it."""
+def unpack_token(msg: torch.Tensor, vs: ChunkPlan, seq: int, shard: Callable, multiple: int) -> Carry:
+    """Inverse of pack_token for the chunk `vs` that receives it (selections padded to `multiple` rows)."""
     h, state, meta = msg[:seq], msg[seq:2 * seq], msg[2 * seq:]
     gate, depth, _ = unpack_meta(meta, 3, seq)
     depth = depth.round().long()
     carry = Carry(h=h, state=state, depth=depth, gate=gate.t().unsqueeze(-1).to(h.dtype), depths=depth)
     if not vs.route:
-        idx, valid = ragged_indices(depth >= vs.recursion + 1)
+        idx, valid = ragged_indices(depth >= vs.recursion + 1, multiple)
         carry.sel, carry.x = Selection(idx, None, valid), shard(gather_tokens(state, idx))
     return carry

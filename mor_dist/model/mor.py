@@ -73,6 +73,7 @@ class MoRModel(LanguageModule):
         self.plan = layout.plan
         self.routed = layout.routed
         self.chunks = layout.chunks(pp_rank)
+        self.token_multiple = token_multiple  # rows of every selection: real tokens, then masked padding
         self.vocab_size = vocab_size
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process, self.post_process = pp_rank == 0, pp_rank == layout.pp - 1
@@ -203,7 +204,7 @@ class MoRModel(LanguageModule):
             carry.depth = carry.depths = self.token_depths = depth.detach()
             carry.gate, carry.state = gate, carry.h
         if vs.route:
-            idx, valid = ragged_indices(carry.depth >= r + 1)
+            idx, valid = ragged_indices(carry.depth >= r + 1, self.token_multiple)
             carry.sel, carry.x = Selection(idx, None, valid), self._shard(gather_tokens(carry.state, idx))
         out = self._block_part(vs, carry, freqs)
         if out is None:
@@ -266,8 +267,8 @@ class MoRModel(LanguageModule):
             return Carry(h=msg)
         msg, seq = self._full(msg), self.cfg.model.seq_length
         if self.cfg.routing.kind == "token_choice":
-            return unpack_token(msg, vs, seq, self._shard)
-        return unpack_expert(msg, vs, seq, self._shard)
+            return unpack_token(msg, vs, seq, self._shard, self.token_multiple)
+        return unpack_expert(msg, vs, seq, self._shard, self.token_multiple)
 
     def run_chunk(self, chunk: ChunkPlan, message: Optional[torch.Tensor], input_ids: torch.Tensor,
                   labels: Optional[torch.Tensor]):

@@ -13,10 +13,14 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mor_dist.config import RoutingConfig
 
 
-def capacity_tokens(capacity: float, seq_len: int, multiple: int = 1) -> int:
-    """k_r = max(1, floor(c_r * L)) of the full length, rounded up to `multiple` (FP8 GEMMs want 16)."""
-    k = max(1, int(capacity * seq_len))
-    return min(seq_len, -(-k // multiple) * multiple)
+def capacity_tokens(capacity: float, seq_len: int) -> int:
+    """k_r = max(1, floor(c_r * L)) of the full length."""
+    return max(1, int(capacity * seq_len))
+
+
+def padded_rows(k: int, multiple: int, limit: int) -> int:
+    """k rounded up to `multiple` (FP8 GEMMs want 16 rows, sequence parallelism a multiple of tp), at most limit."""
+    return min(limit, -(-k // multiple) * multiple)
 
 
 def gather_tokens(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -36,13 +40,14 @@ def gather_rotary(freqs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return freqs[:, 0, 0, :][idx.t()].unsqueeze(2)
 
 
-def ragged_indices(active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ragged_indices(active: torch.Tensor, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Active mask [b, s] -> sorted indices [b, kmax] and validity [b, kmax]; padding sits at the end.
 
-    Padding at the end means causal attention never lets a real token see a padded one.
+    Padding at the end means causal attention never lets a real token see a padded one. kmax is rounded
+    up to `multiple` (FP8 GEMMs, sequence-parallel shards) with more padded rows.
     """
     b, s = active.shape
-    kmax = int(active.sum(1).max().item()) if active.numel() else 0
+    kmax = padded_rows(int(active.sum(1).max().item()), multiple, s) if active.numel() else 0
     positions = torch.arange(s, device=active.device).expand(b, s)
     # Active tokens first in position order, inactive after: sort on (inactive, position).
     order = torch.argsort(positions + (~active).long() * s, dim=1)[:, :kmax]
@@ -124,16 +129,15 @@ class ExpertChoiceRouter(MegatronModule):
         aux_logits = None if self.aux_weight is None else \
             (x.detach() @ self.aux_weight[r].unsqueeze(-1)).squeeze(-1).t().float()
         if causal and self.capacities[r] >= 1.0:
-            local, valid = ragged_indices(cand_valid if cand_valid is not None else torch.ones_like(probs, dtype=torch.bool))
+            local, valid = ragged_indices(cand_valid if cand_valid is not None else torch.ones_like(probs, dtype=torch.bool),
+                                          self.token_multiple)
         elif causal:
             active = self.rule_score(logits, aux_logits) >= self.routing.threshold
             if cand_valid is not None:
                 active &= cand_valid
-            local, valid = ragged_indices(active)
+            local, valid = ragged_indices(active, self.token_multiple)
         else:
-            k = min(capacity_tokens(self.capacities[r], s, self.token_multiple), cand_idx.shape[1])
-            local = torch.topk(probs, k, dim=1, sorted=False).indices.sort(dim=1).values
-            valid = None
+            local, valid = self._top_k(probs, capacity_tokens(self.capacities[r], s), cand_valid)
         chosen = torch.zeros_like(probs).scatter(1, local, 1.0 if valid is None else valid.float())
         aux, aux_parts = self._aux_losses(logits, aux_logits, chosen, cand_valid)
         weights = probs.gather(1, local) * self.alpha
@@ -149,6 +153,19 @@ class ExpertChoiceRouter(MegatronModule):
         }
         sel = Selection(cand_idx.gather(1, local), weights.t().unsqueeze(-1).to(h.dtype), valid, stats)
         return sel, aux
+
+    def _top_k(self, probs: torch.Tensor, k: int, cand_valid: Optional[torch.Tensor],
+               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The k best candidates in position order; masked rows after them up to the token multiple, so the model
+        selects exactly k whatever the rounding (validity None when no row is masked)."""
+        if cand_valid is not None:
+            probs = probs.masked_fill(~cand_valid, float("-inf"))
+        top = torch.topk(probs, k, dim=1, sorted=False).indices
+        if self.token_multiple == 1:
+            return top.sort(dim=1).values, None
+        local, valid = ragged_indices(torch.zeros_like(probs, dtype=torch.bool).scatter(1, top, True),
+                                      self.token_multiple)
+        return local, (None if bool(valid.all()) else valid)
 
     def _aux_losses(self, logits: torch.Tensor, aux_logits: Optional[torch.Tensor], chosen: torch.Tensor,
                     cand_valid: Optional[torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
