@@ -41,11 +41,12 @@ def tp2_run(prepared, tmp_path_factory):
     return reports, out / "run"
 
 
-@pytest.mark.parametrize("save,load", [("parallel.tp=2", "parallel.tp=1"), ("parallel.pp=2", "parallel.pp=1")])
-def test_resharded_resume_continues_like_the_uninterrupted_run(prepared, tmp_path, save, load):
+@pytest.mark.parametrize("save,load,world", [("parallel.tp=2", "parallel.tp=1", 1), ("parallel.pp=2", "parallel.pp=1", 1),
+                                             ("parallel.tp=2", "parallel.dp=2", 2)])
+def test_resharded_resume_continues_like_the_uninterrupted_run(prepared, tmp_path, save, load, world):
     data, vocab = prepared
     saved = run_world(2, BASE + [save], data.directory, vocab, tmp_path / "save")
-    resumed = run_world(1, BASE + [load], data.directory, vocab, tmp_path / "load",
+    resumed = run_world(world, BASE + [load], data.directory, vocab, tmp_path / "load",
                         resume=tmp_path / "save" / "run" / "checkpoint_000003")
     assert [r["step"] for r in resumed] == [4.0]
     assert resumed[0]["lm_loss"] == pytest.approx(saved[-1]["lm_loss"], rel=1e-5)

@@ -10,7 +10,7 @@ import errno
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,10 +48,12 @@ def _rng_object(saved_layout: list[int]) -> ShardedObject:
     return ShardedObject("rng_state", state, (pp, tp, dp), coords, replica_id=0)
 
 
-def _data_object(state: Any, dp_size: int, dp_rank: int) -> ShardedObject:
-    """The data position, one per data-parallel rank (TP/PP peers hold copies)."""
-    replica = parallel_state.get_tensor_model_parallel_rank() + \
-        parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_rank()
+def _data_object(state: Any, dp_size: int, dp_rank: int, replica: Optional[int] = None) -> ShardedObject:
+    """The data position, one per data-parallel rank (TP/PP peers hold copies; `replica` default: the rank's
+    place among them)."""
+    if replica is None:
+        replica = parallel_state.get_tensor_model_parallel_rank() + \
+            parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_rank()
     return ShardedObject("data_position", state, (dp_size,), (dp_rank,), replica_id=replica)
 
 
@@ -136,8 +138,10 @@ def load_checkpoint(directory: Path, run: Trainable) -> tuple[dict[str, Any], An
                 "optimizer": run.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_SHARDING)}
     saved_layout = common["extra"]["layout"]
     same_layout = saved_layout == layout()
-    dp_rank = parallel_state.get_data_parallel_rank() if saved_layout[2] == layout()[2] else 0
-    template["data"] = _data_object(None, saved_layout[2], dp_rank)
+    if saved_layout[2] == layout()[2]:
+        template["data"] = _data_object(None, saved_layout[2], parallel_state.get_data_parallel_rank())
+    else:  # every rank reads data-parallel rank 0's position; each is its own replica of it
+        template["data"] = _data_object(None, saved_layout[2], 0, replica=dist.get_rank())
     if same_layout:  # RNG streams belong to ranks; after resharding they restart from the seed
         template["rng"] = _rng_object(layout())
     loaded = dist_checkpointing.load(template, str(directory))
