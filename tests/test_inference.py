@@ -113,26 +113,37 @@ def test_continuous_batching_keeps_rows_full_and_finishes_every_request(build):
     assert stats.outputs == [a[:r.max_new_tokens] for a, r in zip(alone, reqs)]
 
 
-def allocated(pool) -> int:
-    """Bytes a KV pool's key and value tensors hold (their storage, not the cache's own report)."""
-    return pool.keys.untyped_storage().nbytes() + pool.values.untyped_storage().nbytes()
+@pytest.mark.parametrize("sharing,threshold,depths", [(False, 0.0, 3), (False, 1.0, 1), (True, 0.0, 1)])
+def test_kv_blocks_follow_the_routers_choices(build, sharing, threshold, depths):
+    """The shared block's paged pool takes a block per 16 tokens a sequence caches at a depth: every depth when
+    every token goes on (threshold 0), depth 1 only when none does (threshold 1), depth 1 only under KV sharing."""
+    from mor_dist.model.kv_cache import BLOCK_TOKENS
 
-
-@pytest.mark.parametrize("sharing,paper", [(False, 4 / 6), (True, 1 / 3)])  # Tab 2, N_r=3: (N_r+1)/2N_r and 1/N_r
-def test_kv_memory_of_mor3_is_the_papers_share(build, sharing, paper):
-    vanilla, vcfg = build(*VANILLA)
-    per_layer = allocated(Engine(vanilla, 2, 48).cache.pools["prefix"]) / vcfg.model.num_layers
     model, cfg = build(f"routing.kv_sharing={str(sharing).lower()}")
     n = cfg.model.num_recursions
-    # Tables sized by the capacities; threshold 0 sends every token on, so each depth fills its table.
-    engine = Engine(model.eval(), 2, 48, fractions=cfg.capacities, thresholds=[0.0] * n)
+    engine = Engine(model.eval(), 2, 48, thresholds=[threshold] * n)
     Scheduler(engine, Sampler()).run([Request([1], 48), Request([2], 48)])
-    tables = {k: t for k, t in engine.cache.tables.items() if k.startswith("depth")}
-    assert len(tables) == (1 if sharing else n)
-    for t in tables.values():
-        assert t.lengths.tolist() == [t.capacity] * 2  # occupancy is the allocation
-    share = per_layer * n * len(model.plan.block)  # vanilla's K/V for the same unrolled layers
-    assert allocated(engine.cache.pools["block"]) / share == pytest.approx(paper, rel=0.05)
+    pool = engine.cache.pools["block"]
+    per_table = -(-48 // BLOCK_TOKENS)  # 48 cached positions per sequence
+    assert pool.peak_blocks == 2 * depths * per_table
+    stored = pool.keys.untyped_storage().nbytes() + pool.values.untyped_storage().nbytes()
+    assert pool.peak_block_bytes == stored * pool.peak_blocks // pool.num_blocks  # blocks are what is held
+    assert pool.peak_used_bytes == 2 * depths * 48 * pool.slot_bytes  # the tokens in them
+    assert pool.free_blocks == pool.num_blocks  # finished sequences gave every block back
+
+
+def test_a_small_kv_pool_preempts_and_waits_but_changes_no_token(build):
+    """With fewer blocks than the queue needs, sequences wait or are preempted and restarted: every output and
+    the realised mean depth equal those of an unbounded pool (no token's recursion is cut short)."""
+    model, cfg = build(LIVELY)
+    model = routed(model.eval())
+    gen = torch.Generator().manual_seed(3)
+    reqs = [Request(torch.randint(0, 256, (1 + i % 4,), generator=gen).tolist(), 20 + 3 * i) for i in range(8)]
+    free = Scheduler(Engine(model, 4, 64), Sampler()).run(reqs)
+    small = Scheduler(Engine(model, 4, 64, block_budget=14), Sampler()).run(reqs)
+    assert small.preemptions > 0 and free.preemptions == 0
+    assert small.outputs == free.outputs
+    assert small.depth_total / small.generated == free.depth_total / free.generated
 
 
 def test_sampling_top1_is_greedy_and_seeded_sampling_repeats(build):

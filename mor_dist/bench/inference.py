@@ -99,56 +99,78 @@ def calibrate(model: MoRModel, reqs: list[Request], max_len: int, batch: int) ->
 
 @dataclass
 class Measured:
-    """One model at one batch: median over the repeats."""
+    """One model at one batch: median tokens/s over the repeats; KV use and depth of the last repeat."""
 
     name: str
     batch: int
     tokens_per_s: float
-    kv_bytes_per_token: float
+    kv_peak_bytes: int  # the most K/V bytes its sequences held at once
+    block_peak_bytes: int  # of which the shared block's paged pool (MoR)
     mean_depth: float
     block_fill: float  # mean shared-block batch / batch while requests were waiting
+    preemptions: int
+    peak_blocks: int  # blocks of the paged pool in use at the peak (MoR)
 
 
-def timed(model: MoRModel, reqs: list[Request], batch: int, max_len: int,
-          thresholds: list[float] | None) -> tuple[float, Engine, RunStats]:
+def timed(model: MoRModel, reqs: list[Request], batch: int, max_len: int, thresholds: list[float] | None,
+          block_budget: int | None = None) -> tuple[float, Engine, RunStats]:
     """Tokens/s of one pass over the queue (a fresh engine; allocation is not timed)."""
-    fractions = model.cfg.capacities if model.routed else None
-    engine = Engine(model, batch, max_len, fractions, thresholds)
+    engine = Engine(model, batch, max_len, thresholds, block_budget)
     stats = Scheduler(engine, sampler()).run(reqs)
     return stats.generated / stats.seconds, engine, stats
 
 
-def compare(runs: list[tuple[str, MoRModel, int, list[float] | None]], reqs: list[Request], warm: list[Request],
-            max_len: int, repeats: int) -> list[Measured]:
+def compare(runs: list[tuple[str, MoRModel, int, list[float] | None, int | None]], reqs: list[Request],
+            warm: list[Request], max_len: int, repeats: int) -> list[Measured]:
     """Warm every model up, then time them in turn, `repeats` rounds; medians."""
-    for _, model, batch, thresholds in runs:
-        timed(model, warm, batch, max_len, thresholds)
+    for _, model, batch, thresholds, budget in runs:
+        timed(model, warm, batch, max_len, thresholds, budget)
     speeds: list[list[float]] = [[] for _ in runs]
     last: list = [None] * len(runs)
     for _ in range(repeats):
-        for i, (_, model, batch, thresholds) in enumerate(runs):
-            tps, engine, stats = timed(model, reqs, batch, max_len, thresholds)
+        for i, (_, model, batch, thresholds, budget) in enumerate(runs):
+            tps, engine, stats = timed(model, reqs, batch, max_len, thresholds, budget)
             speeds[i].append(tps)
             last[i] = (engine, stats)
     out = []
-    for (name, _, batch, _), tps, (engine, stats) in zip(runs, speeds, last):
+    for (name, _, batch, _, _), tps, (engine, stats) in zip(runs, speeds, last):
         waiting = [b for b, q in zip(stats.block_batches, stats.queued) if q] or [batch]
-        out.append(Measured(name, batch, statistics.median(tps), engine.cache.report()["kv_bytes_per_token"],
-                            stats.depth_total / stats.generated, sum(waiting) / len(waiting) / batch))
+        pool = engine.cache.pools.get("block")
+        out.append(Measured(name, batch, statistics.median(tps), engine.cache.peak_used_bytes,
+                            pool.peak_used_bytes if pool is not None else 0, stats.depth_total / stats.generated,
+                            sum(waiting) / len(waiting) / batch, stats.preemptions,
+                            pool.peak_blocks if pool is not None else 0))
     return out
 
 
-def memory_per_sequence(model: MoRModel, max_len: int) -> tuple[int, float]:
-    """(parameter bytes, KV bytes one sequence allocates) from the model and its cache."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    fractions = model.cfg.capacities if model.routed else None
-    return params, Engine(model, 1, max_len, fractions).cache.report()["kv_bytes_per_sequence"]
+def parameter_bytes(model: MoRModel) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def max_batch(batch: int, memory: float, mor: tuple[int, float], vanilla: tuple[int, float]) -> int:
-    """`batch` scaled by how many more sequences fit next to MoR's parameters and KV than vanilla's."""
+    """`batch` scaled by how many more sequences fit next to MoR's parameters and KV than vanilla's
+    ((parameter bytes, KV bytes per sequence) each)."""
     fits = lambda pv: (memory - pv[0]) / pv[1]  # noqa: E731
     return math.floor(batch * fits(mor) / fits(vanilla))
+
+
+def paper_block_ratio(n: int, kv_sharing: bool) -> float:
+    """The paper's KV memory of the recursion blocks against vanilla's (Tab 2): (N_r+1)/2N_r, or 1/N_r shared."""
+    return 1.0 / n if kv_sharing else (n + 1) / (2 * n)
+
+
+def row(m: Measured, base: Measured, setting: str, n: int, block_layers: int, vanilla_layers: int,
+        target_depth: float, kv_sharing: bool, thresholds: list[float]) -> dict:
+    """One table row: throughput against vanilla, measured KV use against vanilla's and the paper's."""
+    per_layer = base.kv_peak_bytes / base.batch / vanilla_layers  # vanilla's K/V per sequence and layer
+    return {"model": m.name, "vanilla": base.name, "setting": setting, "batch": m.batch,
+            "tokens_per_s": m.tokens_per_s, "vanilla_tokens_per_s": base.tokens_per_s,
+            "ratio": m.tokens_per_s / base.tokens_per_s, "mean_depth": m.mean_depth, "target_depth": target_depth,
+            "block_fill": m.block_fill, "preemptions": m.preemptions,
+            "kv_bytes_per_sequence": m.kv_peak_bytes / m.batch, "vanilla_kv_bytes_per_sequence": base.kv_peak_bytes / base.batch,
+            "kv_ratio": (m.kv_peak_bytes / m.batch) / (base.kv_peak_bytes / base.batch),
+            "block_ratio": m.block_peak_bytes / m.batch / (per_layer * block_layers * n),
+            "paper_block_ratio": paper_block_ratio(n, kv_sharing), "thresholds": thresholds}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -164,35 +186,33 @@ def run(args: argparse.Namespace) -> list[dict]:
         vanilla = build_single(van_cfg, vocab, on_cuda)
         mor = build_single(mor_cfg, vocab, on_cuda)
         thresholds = calibrate(mor, reqs[:args.batch], max_len, args.batch)
-        batches = [("fixed", args.batch)]
-        if not args.no_max_batch:
-            batches.append(("max", max_batch(args.batch, args.memory_gib * 2**30, memory_per_sequence(mor, max_len),
-                                             memory_per_sequence(vanilla, max_len))))
-        runs = [(f"vanilla-{van_cfg.model.num_layers}", vanilla, args.batch, None)]
         name = f"MoR-{n}" + (" (KV sharing)" if args.kv_sharing else "")
-        runs += [(name, mor, batch, thresholds) for _, batch in batches]
-        base, *measured = compare(runs, reqs, warm, max_len, args.repeats)
-        for (setting, _), m in zip(batches, measured):
-            rows.append({"model": m.name, "vanilla": base.name, "setting": setting, "batch": m.batch,
-                         "tokens_per_s": m.tokens_per_s, "vanilla_tokens_per_s": base.tokens_per_s,
-                         "ratio": m.tokens_per_s / base.tokens_per_s, "mean_depth": m.mean_depth,
-                         "block_fill": m.block_fill, "kv_bytes_per_token": m.kv_bytes_per_token,
-                         "vanilla_kv_bytes_per_token": base.kv_bytes_per_token,
-                         "kv_ratio": m.kv_bytes_per_token / base.kv_bytes_per_token, "thresholds": thresholds})
+        shape = (n, len(mor.plan.block), van_cfg.model.num_layers, sum(mor_cfg.capacities), args.kv_sharing)
+        base, fixed = compare([(f"vanilla-{van_cfg.model.num_layers}", vanilla, args.batch, None, None),
+                               (name, mor, args.batch, thresholds, None)], reqs, warm, max_len, args.repeats)
+        rows.append(row(fixed, base, "fixed", *shape, thresholds))
+        if not args.no_max_batch:  # sized from the KV the fixed batch actually used, per sequence
+            bigger = max_batch(args.batch, args.memory_gib * 2**30,
+                               (parameter_bytes(mor), fixed.kv_peak_bytes / fixed.batch),
+                               (parameter_bytes(vanilla), base.kv_peak_bytes / base.batch))
+            budget = math.ceil(fixed.peak_blocks / fixed.batch * bigger * 1.05)  # 5% over the measured use
+            (most,) = compare([(name, mor, bigger, thresholds, budget)], reqs, warm, max_len, args.repeats)
+            rows.append(row(most, base, "max", *shape, thresholds))
         del mor, vanilla
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the results."""
-    lines = ["| model | vs | batch | tokens/s | vanilla tokens/s | ratio | mean depth | block fill | "
-             "KV bytes/token (MoR / vanilla) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | vs | batch | tokens/s | vanilla tokens/s | ratio | mean depth (target) | block fill | "
+             "KV bytes/seq, peak used (MoR / vanilla) | shared block KV vs vanilla (paper) | preempted |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['vanilla']} | {r['setting']} {r['batch']} | {r['tokens_per_s']:.0f} | "
-                     f"{r['vanilla_tokens_per_s']:.0f} | **{r['ratio']:.2f}x** | {r['mean_depth']:.2f} | "
-                     f"{r['block_fill']:.2f} | {r['kv_bytes_per_token']:.0f} / {r['vanilla_kv_bytes_per_token']:.0f}"
-                     f" ({r['kv_ratio']:.2f}) |")
+                     f"{r['vanilla_tokens_per_s']:.0f} | **{r['ratio']:.2f}x** | {r['mean_depth']:.2f} "
+                     f"({r['target_depth']:.2f}) | {r['block_fill']:.2f} | {r['kv_bytes_per_sequence']:.0f} / "
+                     f"{r['vanilla_kv_bytes_per_sequence']:.0f} ({r['kv_ratio']:.2f}) | {r['block_ratio']:.2f} "
+                     f"({r['paper_block_ratio']:.2f}) | {r['preemptions']} |")
     return "\n".join(lines)
 
 

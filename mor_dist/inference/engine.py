@@ -22,13 +22,13 @@ from mor_dist.model.mor import MoRModel
 class Engine:
     """Generation state of one model for `rows` concurrent sequences of up to `max_len` tokens.
 
-    `fractions`: each depth's table size as a fraction of max_len (None: 1.0, never binding; the
-    model's capacities give the paper's c_r * L sizing, and a token then continues only while its row's
-    depth table has room). `thresholds`: per-recursion thresholds of the expert-choice rule.
+    `thresholds`: per-recursion thresholds of the expert-choice rule. `block_budget`: blocks of the
+    shared block's paged KV pool (None: enough for every token at every depth); with fewer, block_pass
+    raises OutOfBlocks and the scheduler preempts a sequence, never a token's recursion.
     """
 
-    def __init__(self, model: MoRModel, rows: int, max_len: int, fractions: Optional[list[float]] = None,
-                 thresholds: Optional[list[float]] = None) -> None:
+    def __init__(self, model: MoRModel, rows: int, max_len: int, thresholds: Optional[list[float]] = None,
+                 block_budget: Optional[int] = None) -> None:
         if not (model.pre_process and model.post_process) or model.config.tensor_model_parallel_size != 1:
             raise ValueError("generation runs an unsharded model (parallel.tp=1, parallel.pp=1)")
         plan, cfg = model.plan, model.cfg
@@ -38,13 +38,12 @@ class Engine:
         self.block = plan.block if model.routed else ()
         self.suffix = plan.suffix if model.routed else ()
         self.rule = make_rule(model.router, self.n, thresholds) if model.routed else None
-        fractions = fractions if fractions is not None else [1.0] * self.n
         layout = CacheLayout(len(self.prefix), len(self.block), len(self.suffix), self.n,
-                             model.routed and cfg.routing.kv_sharing, tuple(fractions))
+                             model.routed and cfg.routing.kv_sharing)
         config = model.config
         param = next(model.parameters())
         self.cache = KVCache(layout, rows, max_len, config.num_query_groups, config.kv_channels,
-                             param.dtype, param.device)
+                             param.dtype, param.device, block_budget)
         self.freqs = model.rotary_pos_emb(max_len).to(param.device)  # [max_len, 1, 1, d]
         self.device = param.device
 
@@ -57,10 +56,7 @@ class Engine:
         if not slots:
             return x
         pool = self.cache.pools[name]
-        _, flat, every = pool.admit(rows, pos)
-        if not every:
-            raise ValueError(f"a sequence outgrew the cache (max_len={self.max_len})")
-        group = CacheGroup(pool, rows, pos, flat)
+        group = CacheGroup(pool, rows, pos, pool.admit(rows, pos))
         freqs = self.freqs[pos]
         for site, slot in enumerate(slots):
             x = layer_step(self._layer(slot), x, freqs, group, site)
@@ -82,6 +78,7 @@ class Engine:
         """One pass of the shared block, each token at its own depth; (tokens that continue, tokens done).
 
         Every token attends once per layer, to its depth's table in the block pool, whatever the mix of depths.
+        Raises OutOfBlocks, before any change, when the pool cannot take every token's K/V.
         """
         pool = self.cache.pools["block"]
         table, writers = self.cache.depth_table(toks.depth)
@@ -89,15 +86,7 @@ class Engine:
         order = torch.argsort(seqs, stable=True)  # sequences ascending: one query per sequence needs no packing
         toks, seqs = toks.take(order), seqs[order]
         writers = None if writers is None else writers[order]
-        ok, flat, every = (pool.admit(seqs, toks.pos) if writers is None
-                           else pool.admit(seqs[writers], toks.pos[writers]))
-        refused = None
-        if not every:  # the row's depth table is full: the token stops before this recursion
-            keep = ok if writers is None else torch.ones_like(writers).masked_scatter(writers, ok)
-            refused, toks, seqs = toks.take(~keep), toks.take(keep), seqs[keep]
-            writers = None if writers is None else writers[keep]
-            if not len(toks):
-                return toks, refused
+        flat = pool.admit(seqs, toks.pos) if writers is None else pool.admit(seqs[writers], toks.pos[writers])
         group = CacheGroup(pool, seqs, toks.pos, flat, writers)
         x = self.rule.block_input(toks)[:, None]
         freqs = self.freqs[toks.pos]
@@ -106,7 +95,7 @@ class Engine:
         self.rule.update(toks, x[:, 0])
         toks.depth = toks.depth + 1
         go = self.rule.advance(toks)
-        return toks.take(go), concat([toks.take(~go), refused])
+        return toks.take(go), toks.take(~go)
 
     @torch.inference_mode()
     def exit(self, toks: Tokens, head: bool = True) -> Optional[torch.Tensor]:

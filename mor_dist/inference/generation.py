@@ -50,11 +50,11 @@ def load_checkpoint(path: Path, on_cuda: bool = False) -> tuple[MoRModel, JobCon
 
 
 def generate(model: MoRModel, prompts: list[list[int]], max_new_tokens: int, sampler: Optional[Sampler] = None,
-             eos_id: Optional[int] = None, fractions: Optional[list[float]] = None,
-             thresholds: Optional[list[float]] = None) -> tuple[list[list[int]], RunStats, Engine]:
+             eos_id: Optional[int] = None, thresholds: Optional[list[float]] = None,
+             block_budget: Optional[int] = None) -> tuple[list[list[int]], RunStats, Engine]:
     """New tokens for each prompt, every prompt in its own cache row, decoded with depth-wise batching."""
     max_len = max(len(p) for p in prompts) + max_new_tokens
-    engine = Engine(model, len(prompts), max_len, fractions, thresholds)
+    engine = Engine(model, len(prompts), max_len, thresholds, block_budget)
     stats = Scheduler(engine, sampler or Sampler(), eos_id).run([Request(p, max_new_tokens) for p in prompts])
     return stats.outputs, stats, engine
 

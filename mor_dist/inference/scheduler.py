@@ -5,10 +5,15 @@ flight (each at its own depth), tokens that exit take the suffix and head, the n
 sampled, and rows whose sequence finished are refilled from the queue. A sequence has one token in
 flight, so with every row busy the block's batch is full whatever the depths. Vanilla models run all
 their layers on entry: the same loop is then continuous sequence-wise batching.
+
+The shared block's KV pool is paged: a request waits in the queue until its prompt's blocks are free,
+and when the pool runs out mid-step the most recently admitted sequence is preempted (its blocks
+freed, the request queued again from the start), as vLLM does; no token's recursion is cut short.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,6 +24,7 @@ import torch
 from mor_dist.inference.engine import Engine
 from mor_dist.inference.sampling import Sampler
 from mor_dist.inference.tokens import Tokens, concat
+from mor_dist.model.kv_cache import BLOCK_TOKENS, OutOfBlocks
 
 
 @dataclass
@@ -38,12 +44,18 @@ class RunStats:
     block_batches: list[int] = field(default_factory=list)  # tokens per shared-block pass (MoR)
     busy_rows: list[int] = field(default_factory=list)  # rows holding a sequence, per step
     queued: list[int] = field(default_factory=list)  # requests still waiting, per step
-    depth_total: int = 0  # recursions taken by all generated tokens
+    depths: list[int] = field(default_factory=list)  # recursions taken by each request's generated tokens
+    preemptions: int = 0  # sequences restarted because the KV pool ran out of blocks
     seconds: float = 0.0
 
     @property
     def generated(self) -> int:
         return sum(len(o) for o in self.outputs)
+
+    @property
+    def depth_total(self) -> int:
+        """Recursions taken by all generated tokens."""
+        return sum(self.depths)
 
 
 class Scheduler:
@@ -58,11 +70,15 @@ class Scheduler:
     def run(self, requests: list[Request]) -> RunStats:
         """Generate for every request; outputs in request order."""
         engine = self.engine
+        pool = engine.cache.pools.get("block")
         for req in requests:
             if not req.prompt or len(req.prompt) + req.max_new_tokens - 1 > engine.max_len:
                 raise ValueError(f"request of {len(req.prompt)} prompt + {req.max_new_tokens} new tokens does not "
                                  f"fit max_len={engine.max_len} (and needs at least one prompt token)")
-        stats = RunStats(outputs=[[] for _ in requests])
+            if pool is not None and self._prompt_blocks(req) > pool.num_blocks:
+                raise ValueError(f"a prompt of {len(req.prompt)} tokens needs more than the KV pool's "
+                                 f"{pool.num_blocks} blocks; raise the block budget")
+        stats = RunStats(outputs=[[] for _ in requests], depths=[0] * len(requests))
         queue = deque(range(len(requests)))
         free = list(range(engine.rows))
         owner: dict[int, int] = {}
@@ -82,7 +98,7 @@ class Scheduler:
                 done.append(out)
             if inflight is not None:
                 stats.block_batches.append(len(inflight))
-                cont, out = engine.block_pass(inflight)
+                cont, out = self._block_pass(inflight, requests, stats, queue, free, owner)
                 inflight = concat([cont])
                 done.append(out)
             exited = concat(done)
@@ -95,28 +111,64 @@ class Scheduler:
         stats.seconds = time.perf_counter() - start
         return stats
 
+    def _prompt_blocks(self, req: Request) -> int:
+        """Blocks a prompt's prefill may take at most (every prefilled token at every depth)."""
+        pool = self.engine.cache.pools["block"]
+        return pool.tables * math.ceil((len(req.prompt) - 1) / BLOCK_TOKENS)
+
+    def _block_pass(self, inflight: Tokens, requests: list[Request], stats: RunStats, queue: deque,
+                    free: list[int], owner: dict[int, int]) -> tuple[Optional[Tokens], Optional[Tokens]]:
+        """engine.block_pass, preempting the newest sequences while the KV pool is short of blocks."""
+        while True:
+            try:
+                return self.engine.block_pass(inflight)
+            except OutOfBlocks:
+                if len(owner) < 2:
+                    raise RuntimeError("the KV pool holds fewer blocks than one sequence needs; raise the block "
+                                       "budget") from None
+                victim = next(reversed(owner))  # admitted last
+                i = owner.pop(victim)
+                stats.outputs[i].clear()
+                stats.depths[i] = 0
+                stats.preemptions += 1
+                queue.appendleft(i)
+                free.append(victim)
+                self.engine.reset([victim])
+                inflight = inflight.take(inflight.rows != victim)
+                if not len(inflight):
+                    return None, None
+
     def _sample(self, requests: list[Request], exited: Tokens, stats: RunStats, free: list[int],
                 owner: dict[int, int]) -> list[tuple[int, int, int]]:
         """Head and sampling for exited tokens; the next tokens of unfinished sequences."""
         ids = self.sampler(self.engine.exit(exited)).tolist()
-        stats.depth_total += int(exited.depth.sum())
-        nxt = []
-        for row, pos, tok in zip(exited.rows.tolist(), exited.pos.tolist(), ids):
+        nxt, finished = [], []
+        for row, pos, tok, depth in zip(exited.rows.tolist(), exited.pos.tolist(), ids, exited.depth.tolist()):
             i = owner[row]
             out = stats.outputs[i]
             out.append(tok)
+            stats.depths[i] += depth
             if len(out) >= requests[i].max_new_tokens or (self.eos_id is not None and tok == self.eos_id):
                 del owner[row]
                 free.append(row)
+                finished.append(row)
             else:
                 nxt.append((row, pos + 1, tok))
+        if finished:
+            self.engine.reset(finished)  # their KV blocks are free for whoever comes next
         return nxt
 
     def _admit(self, requests: list[Request], queue: deque, free: list[int], owner: dict[int, int],
                entering: list[tuple[int, int, int]]) -> None:
         """Give free rows to waiting requests: prefill all but the last prompt token, which enters."""
         new = []
+        pool = self.engine.cache.pools.get("block")
+        budget = pool.free_blocks if pool is not None else 0
         while free and queue:
+            need = self._prompt_blocks(requests[queue[0]]) if pool is not None else 0
+            if need > budget:
+                break  # waits until sequences finish and return their blocks
+            budget -= need
             row, i = free.pop(0), queue.popleft()
             owner[row] = i
             new.append((row, requests[i].prompt))
