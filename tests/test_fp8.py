@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mor_dist.config import REPO_ROOT, load_config
+from mor_dist.config import load_config
 from mor_dist.errors import ConfigError
 from mor_dist.model import mor as mor_module
 from mor_dist.model.layers import FP8_MULTIPLE, fp8_pad_rows, fp8_unsupported, te_available, token_multiple, \
