@@ -224,6 +224,36 @@ def test_executed_flops_count_what_runs():
     assert budget.matmul - (executed.matmul - 2 * m.hidden_size * 49152) == grouped * m.num_layers
 
 
+@pytest.mark.parametrize("overrides", [(), ("routing.kv_sharing=true",), ("model.kind=vanilla", "model.num_recursions=1")])
+def test_executed_matmul_flops_equal_torchs_count_of_the_forward(build, overrides):
+    """The executed count is what runs: torch's FLOP counter over a forward gives the same linear-layer FLOPs
+    (KV sharing's later recursions run no K/V projection). Token choice is counted at perfect balance."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mor_dist.model.flops import forward_flops_per_token
+
+    model, cfg = build(*overrides)
+    ids = torch.randint(0, 256, (2, cfg.model.seq_length), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids)
+    ops = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    assert ops["aten.mm"] + ops.get("aten.addmm", 0) == forward_flops_per_token(cfg, 256).matmul * ids.numel()
+
+
+def test_reusing_recursions_compute_the_same_queries_from_the_query_rows_alone(build):
+    model, cfg = build("routing.kv_sharing=true")
+    attention = model.layers[model.slot_index[model.plan.block[0]]].self_attention
+    x = torch.randn(5, 2, cfg.model.hidden_size, generator=torch.Generator().manual_seed(0))
+    full_query, full_key, _ = super(type(attention), attention).get_query_key_value_tensors(x, None)
+    model.kv_state.mode = "reuse"
+    try:
+        query, key, value = attention.get_query_key_value_tensors(x, None)
+    finally:
+        model.kv_state.reset()
+    torch.testing.assert_close(query, full_query)
+    assert key.shape == full_key.shape and not key.any() and not value.any()  # replaced by recursion 1's
+
+
 def test_the_causal_rule_thresholds_what_the_bce_calibrates_whatever_the_gate(build):
     """routing.activation=tanh gates with tanh, but the rule compares sigmoid(logit) with the threshold (the BCE
     trains sigmoid(logit) towards top-k membership); tanh(logit) >= 0.5 would pick other tokens."""

@@ -43,6 +43,25 @@ def test_first_five_losses_equal_across_layouts(prepared, tmp_path, kind):
     assert losses[(2, 2, 1)] == pytest.approx(reference, rel=1e-5)  # the default vocabulary is the same at any tp
 
 
+KV_SHARING = ["routing.kv_sharing=true", "model.init_method_std=0.2"]  # large weights: later queries matter
+
+
+def test_kv_sharing_trains_the_same_under_tensor_and_sequence_parallelism(prepared, tmp_path):
+    """Reusing recursions project queries through their own TP mappings; losses and grad norms agree."""
+    data_dir, vocab = prepared
+    layouts = {"tp1": ["parallel.tp=1"], "tp2": ["parallel.tp=2"],
+               "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"]}
+    reports = {name: run_world(int(extra[0][-1]), BASE + KV_SHARING + extra, data_dir, vocab,
+                                 tmp_path / name)
+               for name, extra in layouts.items()}
+    losses = {name: [r["lm_loss"] for r in runs] for name, runs in reports.items()}
+    grads = {name: [r["grad_norm"] for r in runs] for name, runs in reports.items()}
+    assert losses["tp1"][-1] < losses["tp1"][0]
+    for name in ("tp2", "tp2_sp"):
+        assert losses[name] == pytest.approx(losses["tp1"], rel=1e-4), name
+        assert grads[name] == pytest.approx(grads["tp1"], rel=1e-4), name
+
+
 def _stage_parameters(overrides: list[str]) -> dict:
     from mor_dist.model.mor import build_model
 

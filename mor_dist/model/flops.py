@@ -73,7 +73,9 @@ def forward_flops_per_token(cfg: JobConfig, vocab_size: int, seq_len: int | None
     """Executed forward FLOPs per token: the layers as built, the output layer and the routers."""
     m = cfg.model
     n = seq_len or m.seq_length
-    layers = _count(cfg, n, 2.0 * layer_matmul_params(cfg), 0.0)  # KV sharing still projects K/V (kv_sharing.py)
+    head = m.hidden_size // m.num_attention_heads
+    kv_projection = 2.0 * 2 * m.hidden_size * m.num_query_groups * head  # skipped by reusing recursions
+    layers = _count(cfg, n, 2.0 * layer_matmul_params(cfg), kv_projection)
     extra = 2.0 * m.hidden_size * vocab_size  # output layer
     if cfg.layout.routed and cfg.routing.kind == "expert_choice":
         tokens = recursion_tokens(cfg, n)

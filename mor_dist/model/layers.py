@@ -27,7 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mor_dist.config import JobConfig
 from mor_dist.errors import ConfigError
-from mor_dist.model.kv_sharing import with_kv_sharing
+from mor_dist.model.kv_sharing import with_kv_sharing, with_query_only_reuse
 
 FP8_MULTIPLE = 16  # TE FP8 GEMMs: token count and feature sizes divisible by 16
 
@@ -165,7 +165,8 @@ def layer_spec(cfg: JobConfig, on_cuda: bool) -> ModuleSpec:
     """TE spec on CUDA with transformer-engine, else the local spec with a norm that supports SP.
 
     KV sharing substitutes recursion-1 keys under an arbitrary boolean mask, which TE's fused
-    attention does not take: under TE it uses megatron's local (unfused) core attention.
+    attention does not take: under TE it uses megatron's local (unfused) core attention. Its later
+    recursions project queries only (kv_sharing.with_query_only_reuse).
     """
     te_spec = on_cuda and te_available()
     if te_spec:
@@ -184,8 +185,8 @@ def layer_spec(cfg: JobConfig, on_cuda: bool) -> ModuleSpec:
         attn_subs = replace(attn.submodules, core_attention=with_kv_sharing(core))
         spec = ModuleSpec(module=spec.module, params=spec.params,
                           submodules=replace(spec.submodules,
-                                             self_attention=ModuleSpec(attn.module, params=attn.params,
-                                                                       submodules=attn_subs)))
+                                             self_attention=ModuleSpec(with_query_only_reuse(attn.module),
+                                                                       params=attn.params, submodules=attn_subs)))
     return spec
 
 
