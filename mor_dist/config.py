@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from mor_dist.errors import ConfigError
-from mor_dist.layout import Layout, derive_layout
+from mor_dist.layout import Layout, derive_layout, padded_vocab_size
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_mor.yaml"
@@ -36,6 +36,8 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     tie_embeddings: bool = True
+    init_from: Optional[str] = None  # a Hugging Face Llama (folder, .gguf, hub name, package:NAME/FILE): its shape
+    init_strategy: Literal["stepwise", "lower", "upper", "average", "random"] = "stepwise"  # source layer -> slot
 
 
 @dataclass
@@ -170,6 +172,9 @@ class JobConfig:
 # ---------------------------------------------------------------- loading
 
 
+SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check (and lightly coerce) one value against its dataclass annotation."""
     origin = typing.get_origin(annotation)
@@ -198,6 +203,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-4 and 3e18, without a dot, as strings
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
@@ -307,11 +314,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override '{item}' must look like section.key=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), raw.strip())
+    _apply_source(tree)
     cfg = _build(JobConfig, tree, "")
     if cfg.run.name is None:
         cfg.run.name = path.stem
     validate(cfg)
     return cfg
+
+
+def _source_depth(model: dict[str, Any], source_layers: int) -> int:
+    """The deepest effective depth <= the source's that the model's sharing layout divides."""
+    kind = model.get("kind", ModelConfig.kind)
+    n = model.get("num_recursions", ModelConfig.num_recursions)
+    if kind == "vanilla" or not isinstance(n, int) or n < 2:
+        return source_layers
+    middle = 2 if str(model.get("sharing", ModelConfig.sharing)).startswith("middle_") else 0
+    return middle + (source_layers - middle) // n * n
+
+
+def _apply_source(tree: dict[str, Any]) -> None:
+    """model.init_from fixes the shape: fill the keys it sets and refuse the ones that contradict it."""
+    model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+    spec = model.get("init_from")
+    if not spec:
+        return
+    from mor_dist.pretrained.source import source_shape
+
+    shape = source_shape(str(spec))
+    for key, value in shape.values.items():
+        given = model.get(key)
+        same = given == value or (isinstance(value, float) and isinstance(given, (int, float))
+                                  and abs(given - value) <= 1e-6 * abs(value))
+        if given is not None and not same:
+            raise ConfigError(f"model.{key}={given!r} contradicts model.init_from={spec!r}, whose {key} is {value!r}; "
+                              f"remove model.{key} (the source sets it)")
+        model[key] = value
+    depth = model.get("num_layers")
+    kind = model.get("kind", ModelConfig.kind)
+    if depth is None:
+        model["num_layers"] = _source_depth(model, shape.num_layers)
+    elif isinstance(depth, int) and (depth > shape.num_layers or (kind == "vanilla" and depth != shape.num_layers)):
+        raise ConfigError(f"model.num_layers={depth} does not fit model.init_from={spec!r}, which has "
+                          f"{shape.num_layers} layers: a vanilla model takes them all, a recursive one at most that "
+                          "many (fewer are subsampled evenly); remove model.num_layers to use the deepest that fits")
+    vocab = model.get("vocab_size")
+    if vocab is None:
+        model["vocab_size"] = padded_vocab_size(shape.vocab_size)
+    elif isinstance(vocab, int) and vocab < shape.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than model.init_from={spec!r}'s {shape.vocab_size} "
+                          "embedding rows; remove model.vocab_size")
+    data = tree.setdefault("data", {})
+    if isinstance(data, dict):
+        data.setdefault("tokenizer", str(spec))
 
 
 # ---------------------------------------------------------------- validation

@@ -20,6 +20,14 @@ from typing import Optional
 from mor_dist.errors import ConfigError
 
 CYCLIC = ("cycle", "middle_cycle")
+VOCAB_MULTIPLE = 1024  # Megatron's 128 per tensor-parallel rank, for every tp up to 8: one model whatever the layout
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    """Round the vocabulary up to a multiple of 1024, so the embedding splits over tp = 1, 2, 4 or 8 alike."""
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 SEQUENTIAL = ("sequence", "middle_sequence")
 
 

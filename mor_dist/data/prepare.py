@@ -163,6 +163,10 @@ def prepare_data(cfg: JobConfig, cache_dir: str | Path) -> PreparedData:
     source = resolve_source(data)
     tokenizer = load_tokenizer(data.tokenizer)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer.vocab_size:
+        if cfg.model.init_from:
+            raise ConfigError(f"data.tokenizer={data.tokenizer!r} has {tokenizer.vocab_size} ids, more than the "
+                              f"{cfg.model.vocab_size} embedding rows of model.init_from={cfg.model.init_from!r}; "
+                              "leave data.tokenizer unset to use the source's own tokenizer")
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than data.tokenizer="
                           f"{data.tokenizer!r}'s {tokenizer.vocab_size} ids; leave it unset (null) or raise it")
     streamed_validation_rows = max(1, cfg.train.eval_batches) * cfg.train.micro_batch_size * cfg.parallel.dp

@@ -13,7 +13,7 @@ from datasets import Dataset, IterableDataset, load_dataset
 
 from mor_dist.config import DataConfig
 from mor_dist.errors import ConfigError
-from mor_dist.data.hub import require_hub
+from mor_dist.hub import require_hub
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "bundled" / "corpus"
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}

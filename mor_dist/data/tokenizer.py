@@ -9,7 +9,8 @@ from pathlib import Path
 from tokenizers import Tokenizer as BackendTokenizer
 
 from mor_dist.errors import ConfigError
-from mor_dist.data.hub import require_hub
+from mor_dist.hub import require_hub
+from mor_dist.pretrained.source import PACKAGE_PREFIX, local_folder
 
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "bundled" / "tokenizer" / "tokenizer.json"
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
@@ -45,14 +46,6 @@ class Tokenizer:
         return self.backend.to_str()
 
 
-VOCAB_MULTIPLE = 1024  # Megatron's 128 per tensor-parallel rank, for every tp up to 8: one model whatever the layout
-
-
-def padded_vocab_size(vocab_size: int) -> int:
-    """Round the vocabulary up to a multiple of 1024, so the embedding splits over tp = 1, 2, 4 or 8 alike."""
-    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
 def _looks_like_path(spec: str) -> bool:
     """Whether `data.tokenizer` names a local file or directory rather than a hub repo."""
     return spec.startswith(("/", "./", "../", "~")) or spec.endswith(".json") or Path(spec).exists()
@@ -74,8 +67,11 @@ def _eos_id(backend: BackendTokenizer, config_file: Path | None) -> int | None:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """Load `data.tokenizer`: "bundled", a tokenizer.json file or its directory, or a hub name."""
-    config_file = None
+    """Load `data.tokenizer`: "bundled", a tokenizer.json file or its directory, a hub name, or a model file that
+    `model.init_from` takes (a .gguf file or package:NAME/FILE: the tokenizer inside it)."""
+    config_file, name = None, spec
+    if spec.startswith(PACKAGE_PREFIX) or spec.endswith(".gguf"):
+        spec = str(local_folder(spec))
     if spec == "bundled":
         backend = BackendTokenizer.from_file(str(BUNDLED_TOKENIZER))
     elif _looks_like_path(spec):
@@ -102,7 +98,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if eos_id is None:
         raise ConfigError(f"data.tokenizer={spec!r} has no end-of-text token (tried {list(EOS_CANDIDATES)}); "
                           "documents are joined with it, so pick a tokenizer that has one")
-    return Tokenizer(name=spec, backend=backend, eos_id=eos_id)
+    return Tokenizer(name=name, backend=backend, eos_id=eos_id)
 
 
 def tokenizer_from_json(name: str, content: str, eos_id: int) -> Tokenizer:

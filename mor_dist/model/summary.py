@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from mor_dist.config import JobConfig
+from mor_dist.pretrained.source import source_shape
+from mor_dist.pretrained.strategies import describe, slot_sources
 from mor_dist.model.flops import budget_flops_per_token, forward_flops_per_token, recursion_tokens, training_budget
 
 
@@ -24,15 +26,19 @@ class ModelSummary:
     budget_per_token: float  # the paper's App. D accounting
     training_budget: float  # train.steps x tokens per step x budget_per_token
     recursion_tokens: list[int]
+    init_sources: str  # model.init_from: which source layers fill each slot ("" without it)
 
     def lines(self, cfg: JobConfig) -> list[str]:
         m = cfg.model
         routing = f"{cfg.routing.kind}, kv {'shared' if cfg.routing.kv_sharing else 'recursion-wise'}" \
             if cfg.layout.routed else "none"
+        init = [f"init from        {m.init_from} ({m.init_strategy}; routers fresh), slot<-source layer(s):",
+                f"                 {self.init_sources}"] if m.init_from else []
         return [
             f"model            {m.kind} (N_r={m.num_recursions}, routing: {routing})",
             f"layout           {self.layout}",
             f"effective depth  {self.effective_depth} layers ({self.unique_layers} unique)",
+            *init,
             f"unique non-embedding parameters  {self.non_embedding_params / 1e6:,.1f}M",
             f"embedding parameters             {self.embedding_params / 1e6:,.1f}M"
             + (" (tied with the output layer)" if m.tie_embeddings else ""),
@@ -75,4 +81,6 @@ def summarize(cfg: JobConfig, vocab_size: int) -> ModelSummary:
         budget_per_token=budget_flops_per_token(cfg).total,
         training_budget=training_budget(cfg),
         recursion_tokens=recursion_tokens(cfg, m.seq_length) if plan.num_recursions > 1 else [m.seq_length],
+        init_sources=describe(slot_sources(plan, source_shape(m.init_from).num_layers, m.init_strategy,
+                                           cfg.train.seed)) if m.init_from else "",
     )

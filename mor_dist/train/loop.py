@@ -131,10 +131,23 @@ def _union_keys(local: dict[str, float]) -> list[str]:
     return sorted(set().union(*gathered))
 
 
+def _validate(run: Trainable, val_batches: Any, tracker: Optional[Tracker], step: int) -> dict[str, float]:
+    """Validation metrics (averaged over ranks): both routing rules' losses, their gap and the perplexity."""
+    val_metrics, val_state = evaluate(run, val_batches)
+    metrics = reduce_means(val_metrics, validation_keys(run))
+    if "val_loss" in metrics:
+        metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+    if "val_causal_loss" in metrics:  # what generation's causal routing costs against top-k
+        metrics["val_routing_gap"] = metrics["val_causal_loss"] - metrics["val_loss"]
+    if tracker is not None:
+        tracker.log_validation(step, val_state.tokens, val_state.depths)
+    return metrics
+
+
 def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cuda: bool, hooks: Hooks) -> None:
     """Train `cfg` on this rank until train.steps, reporting and checkpointing through `hooks`."""
     t = cfg.train
-    run = Trainable.build(cfg, vocab_size, on_cuda)
+    run = Trainable.build(cfg, vocab_size, on_cuda, pretrained=hooks.checkpoint is None)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     data = PreparedData.open(data_dir)
     batches = data.train_iterator(dp_rank, dp_size, t.micro_batch_size, t.global_batch_size, t.seed)
@@ -158,6 +171,12 @@ def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
     flops_per_token = forward_flops_per_token(cfg, vocab_size).training
     tokens_per_step = t.global_batch_size * seq
     keys: Optional[list[str]] = None
+    if step == 0 and cfg.model.init_from and t.eval_interval != -1:  # where uptraining starts from
+        start = _validate(run, val_batches, tracker, step)
+        if tracker is not None:
+            tracker.log(start, step)
+            print(f"step 0 (model.init_from={cfg.model.init_from}, {cfg.model.init_strategy}): "
+                  f"val_loss {start.get('val_loss', float('nan')):.4f}", flush=True)
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < t.steps:
@@ -180,14 +199,7 @@ def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
             metrics["perf/peak_mem_gib"] = reduce_means({"m": peak_memory_gib()}, ["m"])["m"]
             metrics["tokens"] = float(step * tokens_per_step)
             if ev:
-                val_metrics, val_state = evaluate(run, val_batches)
-                metrics.update(reduce_means(val_metrics, validation_keys(run)))
-                if "val_loss" in metrics:
-                    metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
-                if "val_causal_loss" in metrics:  # what generation's causal routing costs against top-k
-                    metrics["val_routing_gap"] = metrics["val_causal_loss"] - metrics["val_loss"]
-                if tracker is not None:
-                    tracker.log_validation(step, val_state.tokens, val_state.depths)
+                metrics.update(_validate(run, val_batches, tracker, step))
             directory = None
             if ck:
                 directory = hooks.checkpoint_dir(step)

@@ -12,6 +12,7 @@ from megatron.core.distributed import DistributedDataParallel, finalize_model_gr
 
 from mor_dist.config import JobConfig
 from mor_dist.layout import Layout
+from mor_dist.model.from_pretrained import load_pretrained
 from mor_dist.model.mor import build_model
 from mor_dist.parallel.pipeline import ChunkBatches, PipelineChunk
 from mor_dist.train.optim import build_optimizer, wrap_ddp
@@ -34,9 +35,13 @@ class Trainable:
         return self.ddp.module
 
     @classmethod
-    def build(cls, cfg: JobConfig, vocab_size: int, on_cuda: bool) -> "Trainable":
-        """Parallel state and this rank's MoRModel for `cfg`, made trainable."""
-        return cls.around(cfg, build_model(cfg, vocab_size, on_cuda), on_cuda)
+    def build(cls, cfg: JobConfig, vocab_size: int, on_cuda: bool, pretrained: bool = False) -> "Trainable":
+        """Parallel state and this rank's MoRModel for `cfg`, made trainable; `pretrained`: with model.init_from's
+        weights (before the optimizer copies them)."""
+        model = build_model(cfg, vocab_size, on_cuda)
+        if pretrained and cfg.model.init_from:
+            load_pretrained(model, cfg)
+        return cls.around(cfg, model, on_cuda)
 
     @classmethod
     def around(cls, cfg: JobConfig, model: torch.nn.Module, on_cuda: bool) -> "Trainable":

