@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 from pathlib import Path
 
@@ -239,3 +240,67 @@ def test_uptraining_at_tp2_checkpoints_the_imported_weights(llama, tmp_path):
     with torch.no_grad():
         logits = model(IDS)
     assert (logits - hf_logits(reference, IDS)).abs().max() < 1e-4
+
+
+def _train_briefly(tmp_path: Path, overrides: list[str]) -> Path:
+    """One training step in a gloo world of one (no Ray); the checkpoint it writes."""
+    from mor_dist.data import prepare_data
+
+    overrides = [*overrides, "train.steps=1", "train.warmup_steps=0", "train.micro_batch_size=2",
+                 "train.global_batch_size=2", "train.eval_batches=1", "tracking.enabled=false"]
+    cfg = load_config(None, overrides)
+    data = prepare_data(cfg, tmp_path / "cache")
+    from mor_dist.data import padded_vocab_size
+
+    vocab = cfg.model.vocab_size or padded_vocab_size(data.vocab_size)
+    return Path(run_world(1, overrides, data.directory, vocab, tmp_path / "train")[-1]["checkpoint"])
+
+
+def test_a_vanilla_export_loads_in_plain_transformers(llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mor_dist.train.export import export_hf
+
+    path, reference = llama
+    checkpoint = _train_briefly(tmp_path, [f"model.init_from={path}", *FROM_SOURCE, *VANILLA, "train.lr=1e-12"])
+    done = export_hf(checkpoint, tmp_path / "hf")
+    assert done["class"] == "LlamaForCausalLM"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert (hf_logits(loaded, IDS) - hf_logits(reference, IDS)).abs().max() < 1e-4
+    with pytest.raises(ConfigError, match="not empty"):
+        export_hf(checkpoint, tmp_path / "hf")  # never over an earlier export
+
+
+@pytest.mark.parametrize("kind", ["mor", "recursive"])
+def test_a_recursive_or_mor_export_loads_through_mor_dist_hf(kind, tmp_path):
+    """Logits equal to the project's model under the causal rule, and greedy generate() equal to
+    jobs/generate.py --temperature 0 (the project's engine with its paged cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mor_dist.inference.generation import generate_text
+    from mor_dist.inference.sampling import Sampler
+    from mor_dist.train.export import export, export_hf
+
+    overrides = [f"model.kind={kind}", "model.init_method_std=0.2", "routing.inference_rule=threshold"]
+    checkpoint = _train_briefly(tmp_path, overrides)
+    export(checkpoint, tmp_path / "model.pt")
+    assert export_hf(checkpoint, tmp_path / "hf")["class"] == "MoRForCausalLM"
+    importlib.import_module("mor_dist.hf")  # registers the Auto classes: no trust_remote_code
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    from mor_dist.inference.generation import load_checkpoint
+
+    ours, _ = load_checkpoint(tmp_path / "model.pt")
+    ids = torch.randint(0, 50000, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ours(ids, causal_routing=True)
+    vocab = loaded.config.vocab_size  # the tokenizer's: the export drops megatron's padding rows
+    assert vocab == 50257 and (hf_logits(loaded, ids) - expected[..., :vocab]).abs().max() < 1e-4
+    if kind == "mor":  # the causal rule sent some tokens fewer recursions than others
+        assert ours.token_depths.unique().numel() > 1
+    prompt = "The history of the"
+    ours_text = generate_text(prompt, checkpoint=tmp_path / "model.pt", max_new_tokens=24, sampler=Sampler(0.0))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = loaded.generate(prompt_ids, max_new_tokens=24, do_sample=False)
+    assert tokenizer.decode(out[0, prompt_ids.shape[1]:]) == ours_text

@@ -1,4 +1,9 @@
-"""Export a training checkpoint to one file: `mor-export CHECKPOINT_DIR OUT.pt` (or `python jobs/export.py`)."""
+"""Export a training checkpoint: `mor-export CHECKPOINT_DIR OUT` (or `python jobs/export.py`).
+
+--format pt (default): one file for jobs/generate.py --checkpoint. --format hf: a Hugging Face folder;
+vanilla models load in plain transformers as LlamaForCausalLM, recursive and MoR ones with
+AutoModelForCausalLM.from_pretrained(OUT) after `import mor_dist.hf`.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,18 @@ from mor_dist.cmdline import command
 
 @command
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jobs/export.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="jobs/export.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a checkpoint directory (runs/<name>/checkpoint_...)")
-    parser.add_argument("out", type=Path, help="the single file to write (.pt)")
+    parser.add_argument("out", type=Path, help="the file (.pt) or, with --format hf, the new folder to write")
+    parser.add_argument("--format", choices=("pt", "hf"), default="pt", help="pt: one file; hf: a Hugging Face folder")
     args = parser.parse_args(argv)
-    from mor_dist.train.export import export  # megatron and torch: after the arguments are known to be good
+    from mor_dist.train.export import export, export_hf  # megatron and torch: after the arguments are known to be good
 
+    if args.format == "hf":
+        done = export_hf(args.checkpoint, args.out)
+        print(f"wrote {args.out}: step {done['step']}, {done['params'] / 1e6:.2f}M parameters, {done['class']}")
+        return 0
     payload = export(args.checkpoint, args.out)
     params = sum(t.numel() for t in payload["model"].values())
     print(f"wrote {args.out}: step {payload['step']}, {params / 1e6:.2f}M parameters, tp=pp=1")
