@@ -9,6 +9,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,9 +110,24 @@ def _convert_gguf(path: Path, folder: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as err:
         raise ConfigError(f"model.init_from={str(path)!r}: transformers cannot read this GGUF file ({err})") from err
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.rename(folder)
+    # transformers marks a GGUF-loaded model as quantized and will not save_pretrained() it; its weights
+    # are plain fp32 tensors by now, so they are written directly.
+    from safetensors.torch import save_file
+
+    staging.mkdir(parents=True)
+    try:
+        tied = model.config.tie_word_embeddings
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")},
+                  str(staging / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone after the rename; a failed write leaves nothing
 
 
 @dataclass(frozen=True)
@@ -127,10 +143,7 @@ class SourceShape:
 def _gguf_config(path: Path) -> dict[str, Any]:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    config = dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
-    config.setdefault("architectures", ["LlamaForCausalLM"] if config.get("model_type") == "llama" else
-                      [str(config.get("model_type"))])
-    return config
+    return dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
 
 
 def source_config(spec: str) -> dict[str, Any]:
@@ -149,7 +162,8 @@ def source_config(spec: str) -> dict[str, Any]:
 def source_shape(spec: str) -> SourceShape:
     """The model shape of a Llama-architecture source, or a ConfigError naming what is not supported."""
     config = source_config(spec)
-    architectures = config.get("architectures") or [config.get("model_type")]
+    architectures = config.get("architectures") or \
+        (["LlamaForCausalLM"] if config.get("model_type") == "llama" else [config.get("model_type")])
     if not set(architectures) & set(ARCHITECTURES):
         raise ConfigError(f"model.init_from={spec!r} is a {architectures} model; mor-dist imports Llama-architecture "
                           f"models ({', '.join(ARCHITECTURES)}: SmolLM/SmolLM2, Llama 3.x, TinyLlama and alike)")
