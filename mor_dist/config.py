@@ -79,7 +79,7 @@ class DataConfig:
     dataset: str = "bundled"  # "bundled", a local file/dir (txt, jsonl, parquet) or a hub name
     dataset_config: Optional[str] = None  # hub datasets: the configuration (subset) name
     split: str = "train"  # hub datasets: the split to train on (local files are one "train" split)
-    tokenizer: str = "bundled"  # "bundled", a local directory or a hub name
+    tokenizer: str = "bundled"  # "bundled" (GPT-2), "smollm2", a local directory, a hub name, a model file
     text_column: str = "text"
     validation_fraction: float = 0.05
     streaming: bool = False

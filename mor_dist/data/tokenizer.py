@@ -12,7 +12,9 @@ from mor_dist.errors import ConfigError
 from mor_dist.hub import require_hub
 from mor_dist.pretrained.source import PACKAGE_PREFIX, local_folder
 
-BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "bundled" / "tokenizer" / "tokenizer.json"
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+NAMED = {"bundled": BUNDLED / "tokenizer",  # GPT-2's 50,257 ids (the tiny demo's)
+         "smollm2": BUNDLED / "smollm2"}  # SmolLM2's 49,152 ids (the paper presets')
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
 
 
@@ -67,14 +69,14 @@ def _eos_id(backend: BackendTokenizer, config_file: Path | None) -> int | None:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """Load `data.tokenizer`: "bundled", a tokenizer.json file or its directory, a hub name, or a model file that
-    `model.init_from` takes (a .gguf file or package:NAME/FILE: the tokenizer inside it)."""
+    """Load `data.tokenizer`: "bundled" (GPT-2), "smollm2", a tokenizer.json file or its directory, a hub name,
+    or a model file that `model.init_from` takes (a .gguf file or package:NAME/FILE: the tokenizer inside it)."""
     config_file, name = None, spec
     if spec.startswith(PACKAGE_PREFIX) or spec.endswith(".gguf"):
         spec = str(local_folder(spec))
-    if spec == "bundled":
-        backend = BackendTokenizer.from_file(str(BUNDLED_TOKENIZER))
-    elif _looks_like_path(spec):
+    if spec in NAMED:
+        spec = str(NAMED[spec])
+    if _looks_like_path(spec):
         path = Path(spec).expanduser()
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():

@@ -245,3 +245,23 @@ def tag_checkpoint(uri: str, run_id: str, directory: Path, step: int) -> None:
     except Exception as err:
         warnings.warn(f"MLflow run {run_id} at {uri} was not tagged with checkpoint {directory} "
                       f"({type(err).__name__}: {err})", TrackingWarning, stacklevel=2)
+
+
+def tag_export(uri: str, run_id: str, out: Path, info: dict[str, Any]) -> None:
+    """Lead the MLflow run to an export of its model: tags export.<format>.* and, for a Hugging Face folder,
+    its config files as artifacts under export/ (the shape and class, readable in the UI)."""
+    from mlflow import MlflowClient
+
+    fmt = info["format"]
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        for key, value in {"path": out.resolve(), "step": info["step"], "class": info.get("class"),
+                           "params": info.get("params")}.items():
+            if value is not None:
+                client.set_tag(run_id, f"export.{fmt}.{key}", str(value))
+        for name in ("config.json", "generation_config.json"):
+            if (out / name).is_file():
+                client.log_artifact(run_id, str(out / name), "export")
+    except Exception as err:
+        warnings.warn(f"MLflow run {run_id} at {uri} does not record the export {out} ({type(err).__name__}: {err})",
+                      TrackingWarning, stacklevel=2)

@@ -45,7 +45,17 @@ def export(checkpoint: Path, out_file: Path) -> dict[str, Any]:
                "model": {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}}
     out_file.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, out_file)
+    params = sum(t.numel() for t in payload["model"].values())
+    _record(checkpoint, single, extra, out_file, {"format": "pt", "step": extra["step"], "params": params})
     return payload
+
+
+def _record(checkpoint: Path, cfg: JobConfig, extra: dict[str, Any], out: Path, info: dict[str, Any]) -> None:
+    """Tag the training run's MLflow run with the export, when the run was tracked."""
+    from mor_dist.tracking.tracker import tag_export, tracking_uri
+
+    if extra.get("run_id") and cfg.tracking.enabled:
+        tag_export(tracking_uri(cfg, checkpoint.resolve().parent), extra["run_id"], out, info)
 
 
 def global_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -80,4 +90,6 @@ def export_hf(checkpoint: Path, out: Path) -> dict[str, Any]:
         weights = mor_weights(tensors, cfg, heads_of(cfg))
     write_folder(out, config, weights, tokenizer.to_json(), tokenizer.eos_id)
     params = sum(t.numel() for k, t in weights.items() if not (cfg.model.tie_embeddings and k == "lm_head.weight"))
-    return {"step": extra["step"], "class": config.architectures[0], "params": params}
+    info = {"format": "hf", "step": extra["step"], "class": config.architectures[0], "params": params}
+    _record(checkpoint, cfg, extra, out, info)
+    return info
