@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from mor_dist.errors import ConfigError
+
 MANIFEST = "manifest.rank{}.json"
 KEEP = "KEEP"  # a file in a checkpoint directory that retention respects; it holds the reason
 READ_TRIES = 3
@@ -230,3 +232,18 @@ def verify(directory: Path, warn: Callable[[str], None] = print) -> Optional[str
         return problem
     checked = inspect(directory, warn)
     return None if checked.status is Status.WHOLE else f"{directory}: {checked.problem}"
+
+
+def resolve_checkpoint(path: Path, warn: Callable[[str], None] = print) -> Path:
+    """A checkpoint directory given directly, or a run directory's newest whole checkpoint (said on `warn`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a directory; give a run directory (runs/<name>) or one of its "
+                          "checkpoint_* directories")
+    if not checkpoint_dirs(path):
+        return path  # a checkpoint itself (verified where it is read)
+    found = newest_whole(path, warn)
+    if found is None:
+        raise ConfigError(f"{path} has no whole checkpoint: {[c.describe for c in survey(path, warn=warn)]}")
+    warn(f"using {found.path} (step {found.step}), the newest whole checkpoint of {path}")
+    return found.path

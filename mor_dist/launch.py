@@ -37,6 +37,7 @@ class LaunchResult:
     checkpoint: Optional[str]
     tracking_uri: str
     metrics: dict
+    run_id: Optional[str] = None  # the MLflow run
 
 
 def run_paths(cfg: JobConfig) -> tuple[Path, Path]:
@@ -196,6 +197,8 @@ def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool 
         remove_local_copies(payload["launch"])  # what this node's killed workers left
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     uri = tracking_uri(cfg, run_dir)
+    run_id = None
     if checkpoint is not None and Path(checkpoint).is_dir() and (final := read_manifest(Path(checkpoint))).get("run_id"):
-        tag_checkpoint(uri, final["run_id"], Path(checkpoint), final["step"])
-    return LaunchResult(run_dir, checkpoint, uri, dict(result.metrics or {}))
+        run_id = final["run_id"]
+        tag_checkpoint(uri, run_id, Path(checkpoint), final["step"])
+    return LaunchResult(run_dir, checkpoint, uri, dict(result.metrics or {}), run_id)

@@ -47,10 +47,10 @@ def save_tokenizer(path: Path, texts: list[str]) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
 
 
-def save_llama(path: Path, tied: bool = False, seed: int = 0) -> LlamaForCausalLM:
+def save_llama(path: Path, tied: bool = False, seed: int = 0, **shape: object) -> LlamaForCausalLM:
     """A random LlamaForCausalLM written by save_pretrained (config.json and model.safetensors) with a tokenizer."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=tied, **SHAPE)).eval()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=tied, **{**SHAPE, **shape})).eval()
     with torch.no_grad():  # visible norms, so that a norm mapped to the wrong place shows in the logits
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -92,6 +92,20 @@ def test_imported_llama_gives_transformers_logits(world, llama):
     with torch.no_grad():
         logits = model(IDS)
     assert (logits - hf_logits(reference, IDS)).abs().max() < 1e-4
+
+
+def test_a_fractional_rope_base_is_kept(world, tmp_path):
+    """model.rotary_base stays a float end to end (a base of 10.5 read as 10 turns every rotation but the first)."""
+    from mor_dist.model.from_pretrained import load_pretrained
+    from mor_dist.model.mor import build_model
+
+    reference = save_llama(tmp_path, rope_theta=10.5)
+    cfg = imported(tmp_path, *VANILLA)
+    assert cfg.model.rotary_base == 10.5
+    model = build_model(cfg, cfg.model.vocab_size, on_cuda=False).eval()
+    load_pretrained(model, cfg)
+    with torch.no_grad():
+        assert (model(IDS) - hf_logits(reference, IDS)).abs().max() < 1e-5
 
 
 def _layout_logits(config: str | None, overrides: list[str], ids: list[list[int]]) -> dict:
@@ -286,7 +300,8 @@ def test_a_vanilla_export_loads_in_plain_transformers_and_its_run_records_it(lla
 @pytest.mark.parametrize("kind", ["mor", "recursive"])
 def test_a_recursive_or_mor_export_loads_through_mor_dist_hf(kind, tmp_path):
     """Logits equal to the project's model under the causal rule, and greedy generate() equal to
-    jobs/generate.py --temperature 0 (the project's engine with its paged cache)."""
+    jobs/generate.py --temperature 0 (the project's engine with its paged cache); export and generate take
+    a run directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mor_dist.inference.generation import generate_text
@@ -294,9 +309,9 @@ def test_a_recursive_or_mor_export_loads_through_mor_dist_hf(kind, tmp_path):
     from mor_dist.train.export import export, export_hf
 
     overrides = [f"model.kind={kind}", "model.init_method_std=0.2", "routing.inference_rule=threshold"]
-    checkpoint = _train_briefly(tmp_path, overrides)
-    export(checkpoint, tmp_path / "model.pt")
-    assert export_hf(checkpoint, tmp_path / "hf")["class"] == "MoRForCausalLM"
+    run_dir = _train_briefly(tmp_path, overrides).parent  # a run directory: its newest whole checkpoint
+    export(run_dir, tmp_path / "model.pt")
+    assert export_hf(run_dir, tmp_path / "hf")["class"] == "MoRForCausalLM"
     importlib.import_module("mor_dist.hf")  # registers the Auto classes: no trust_remote_code
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     from mor_dist.inference.generation import load_checkpoint
@@ -311,6 +326,7 @@ def test_a_recursive_or_mor_export_loads_through_mor_dist_hf(kind, tmp_path):
         assert ours.token_depths.unique().numel() > 1
     prompt = "The history of the"
     ours_text = generate_text(prompt, checkpoint=tmp_path / "model.pt", max_new_tokens=24, sampler=Sampler(0.0))
+    assert generate_text(prompt, checkpoint=run_dir, max_new_tokens=24, sampler=Sampler(0.0)) == ours_text
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
     out = loaded.generate(prompt_ids, max_new_tokens=24, do_sample=False)

@@ -244,3 +244,35 @@ def test_metric_names_are_grouped_and_peak_is_cached():
         "train/loss", "val/loss", "val/ppl", "router/r1/mean_weight", "perf/mfu"]
     first = peak_flops(False, "fp32")
     assert first > 1e8 and peak_flops(False, "fp32") == first
+
+
+def test_the_closing_summary_points_at_the_runs_page_on_a_server_and_at_mlflow_ui_for_a_local_store(tmp_path):
+    import time
+    import urllib.request
+
+    from mor_dist.tracking.tracker import where_to_look
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                               "--artifacts-destination", str(tmp_path / "artifacts")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        client = MlflowClient(uri)
+        experiment = client.create_experiment("summary")
+        run = client.create_run(experiment)
+        assert where_to_look(uri, run.info.run_id) == f"open {uri}/#/experiments/{experiment}/runs/{run.info.run_id}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    local = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert where_to_look(local, "abc") == f"view: mlflow ui --backend-store-uri {local}"

@@ -49,6 +49,6 @@ def build_baseline(cfg: JobConfig, vocab_size: int, on_cuda: bool) -> GPTBaselin
         max_sequence_length=m.seq_length,
         share_embeddings_and_output_weights=m.tie_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(m.rotary_base),
+        rotary_base=m.rotary_base,
     )
     return model.cuda() if on_cuda else model

@@ -1,4 +1,4 @@
-"""Export a training checkpoint: `mor-export CHECKPOINT_DIR OUT` (or `python jobs/export.py`).
+"""Export a training checkpoint: `mor-export RUN_OR_CHECKPOINT_DIR OUT` (or `python jobs/export.py`).
 
 --format pt (default): one file for jobs/generate.py --checkpoint. --format hf: a Hugging Face folder;
 vanilla models load in plain transformers as LlamaForCausalLM, recursive and MoR ones with
@@ -17,7 +17,8 @@ from mor_dist.cmdline import command
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jobs/export.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint directory (runs/<name>/checkpoint_...)")
+    parser.add_argument("checkpoint", type=Path,
+                        help="a run directory (runs/<name>: its newest whole checkpoint) or one of its checkpoint_* directories")
     parser.add_argument("out", type=Path, help="the file (.pt) or, with --format hf, the new folder to write")
     parser.add_argument("--format", choices=("pt", "hf"), default="pt", help="pt: one file; hf: a Hugging Face folder")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""Generate text: `mor-generate "PROMPT" [--checkpoint FILE | --config C key=value ...]` (or
+"""Generate text: `mor-generate "PROMPT" [--checkpoint RUN_OR_FILE | --config C key=value ...]` (or
 `python jobs/generate.py`).
 
 MoR models route with the causal rule (expert-choice: threshold, hierarchical) and decode with the
@@ -21,7 +21,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", help="text to continue ('' starts from the end-of-text token)")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="an exported single-file checkpoint (jobs/export.py); its config is used")
+                        help="a run directory (its newest whole checkpoint), a checkpoint_* directory, or a file "
+                             "jobs/export.py wrote; its config is used")
     parser.add_argument("--config", type=Path, default=None, help="YAML config of a fresh model (default: tiny)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 is greedy")

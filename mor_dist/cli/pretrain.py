@@ -11,6 +11,7 @@ from mor_dist.cmdline import command
 from mor_dist.config import load_config
 from mor_dist.errors import ConfigError
 from mor_dist.launch import RunComplete, TrainingFailed, dry_run, launch
+from mor_dist.tracking.tracker import where_to_look
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,7 +49,7 @@ def main(argv: list[str]) -> int:
     print(f"  run directory   {result.run_dir}")
     print(f"  checkpoint      {result.checkpoint}")
     print(f"  metrics (local) {result.run_dir / 'metrics.jsonl'}")
-    print(f"  MLflow          {result.tracking_uri}   (view: mlflow ui --backend-store-uri {result.tracking_uri})")
+    print(f"  MLflow          {result.tracking_uri}   ({where_to_look(result.tracking_uri, result.run_id)})")
     final = {k: round(v, 4) for k, v in result.metrics.items() if k in ("loss", "val_loss", "val_ppl")}
     print(f"  final metrics   {final}")
     return 0

@@ -26,9 +26,16 @@ def build_single(cfg: JobConfig, vocab_size: int, on_cuda: bool) -> MoRModel:
 
 
 def load_checkpoint(path: Path, on_cuda: bool = False) -> tuple[MoRModel, JobConfig]:
-    """(model, cfg) from an exported file {"config", "vocab_size", "model"} of an unsharded MoRModel."""
+    """(model, cfg) from an exported file {"config", "vocab_size", "model"} of an unsharded MoRModel, or from a
+    training checkpoint directory or a run directory (its newest whole checkpoint)."""
+    if Path(path).is_dir():
+        from mor_dist.train.export import load_single
+
+        model, cfg, _ = load_single(Path(path))
+        return (model.cuda() if on_cuda else model).eval(), cfg
     if not Path(path).is_file():
-        raise ConfigError(f"--checkpoint {path} is not a file (export one with jobs/export.py)")
+        raise ConfigError(f"--checkpoint {path} does not exist; give a run directory (runs/<name>), one of its "
+                          "checkpoint_* directories, or a file jobs/export.py wrote")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # not a torch file at all (pickle, zip or EOF errors)

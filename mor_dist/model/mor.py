@@ -85,7 +85,7 @@ class MoRModel(LanguageModule):
                 self.embedding = LanguageModelEmbedding(config, vocab_size, m.seq_length,
                                                         position_embedding_type="rope")
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
-                                              rotary_base=int(m.rotary_base), use_cpu_initialization=True)
+                                              rotary_base=m.rotary_base, use_cpu_initialization=True)
         slots = layout.slots(pp_rank)
         layers = []
         for slot in slots:

@@ -265,3 +265,18 @@ def tag_export(uri: str, run_id: str, out: Path, info: dict[str, Any]) -> None:
     except Exception as err:
         warnings.warn(f"MLflow run {run_id} at {uri} does not record the export {out} ({type(err).__name__}: {err})",
                       TrackingWarning, stacklevel=2)
+
+
+def where_to_look(uri: str, run_id: Optional[str]) -> str:
+    """How to open a run: its page on an MLflow server, or the `mlflow ui` command for a local store."""
+    if not uri.startswith(("http://", "https://")):
+        return f"view: mlflow ui --backend-store-uri {uri}"
+    if run_id is None:
+        return f"open {uri}"
+    try:
+        from mlflow import MlflowClient
+
+        experiment = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+    except Exception as err:  # the server went away after training: say so, with what is known
+        return f"open {uri} (run {run_id}; the server did not answer: {type(err).__name__})"
+    return f"open {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"

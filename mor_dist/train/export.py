@@ -14,14 +14,16 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 
 from mor_dist.config import JobConfig, config_from_dict
 from mor_dist.errors import ConfigError
-from mor_dist.catalog import verify
+from mor_dist.catalog import resolve_checkpoint, verify
 
 
 def load_single(checkpoint: Path) -> tuple[torch.nn.Module, JobConfig, dict[str, Any]]:
-    """The checkpoint's model gathered into one process (tp=pp=1), its config and its saved loop state."""
+    """The checkpoint's model gathered into one process (tp=pp=1), its config and its saved loop state
+    (with "checkpoint": the directory read; a run directory gives its newest whole checkpoint)."""
     from mor_dist.model.mor import build_model
     from mor_dist.parallel.setup import init_single_process
 
+    checkpoint = resolve_checkpoint(checkpoint)
     problem = verify(checkpoint)
     if problem is not None:
         raise ConfigError(f"cannot export: {problem}")
@@ -33,7 +35,7 @@ def load_single(checkpoint: Path) -> tuple[torch.nn.Module, JobConfig, dict[str,
     model = build_model(single, extra["vocab_size"], on_cuda=False)
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint))
     model.load_state_dict(loaded["model"], strict=False)
-    return model, single, extra
+    return model, single, {**extra, "checkpoint": checkpoint}
 
 
 def export(checkpoint: Path, out_file: Path) -> dict[str, Any]:
@@ -46,7 +48,7 @@ def export(checkpoint: Path, out_file: Path) -> dict[str, Any]:
     out_file.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, out_file)
     params = sum(t.numel() for t in payload["model"].values())
-    _record(checkpoint, single, extra, out_file, {"format": "pt", "step": extra["step"], "params": params})
+    _record(extra["checkpoint"], single, extra, out_file, {"format": "pt", "step": extra["step"], "params": params})
     return payload
 
 
@@ -91,5 +93,5 @@ def export_hf(checkpoint: Path, out: Path) -> dict[str, Any]:
     write_folder(out, config, weights, tokenizer.to_json(), tokenizer.eos_id)
     params = sum(t.numel() for k, t in weights.items() if not (cfg.model.tie_embeddings and k == "lm_head.weight"))
     info = {"format": "hf", "step": extra["step"], "class": config.architectures[0], "params": params}
-    _record(checkpoint, cfg, extra, out, info)
+    _record(extra["checkpoint"], cfg, extra, out, info)
     return info

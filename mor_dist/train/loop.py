@@ -267,8 +267,12 @@ def ray_worker(payload: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, float], directory: Optional[Path]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
+        # The step in the name (`ls` sorts by it); the time keeps a re-run of a step from reusing a directory.
+        name = _broadcast(f"checkpoint_{int(metrics['step']):06d}_{time.strftime('%Y-%m-%d_%H-%M-%S')}") \
+            if directory else None
         try:
-            ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=True)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                             delete_local_checkpoint_after_upload=True)
         except Exception as err:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
