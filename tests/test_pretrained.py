@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import importlib
 import importlib.util
 import json
@@ -11,53 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from mor_dist.config import load_config
-from mor_dist.data.sources import BUNDLED_CORPUS
 from mor_dist.errors import ConfigError
 from mor_dist.layout import layer_plan
 from mor_dist.pretrained.strategies import kept_layers, slot_sources
+from llama_source import FROM_SOURCE, VOCAB, save_llama, train_briefly
 from multiproc import run_ranks, run_world
-
-VOCAB = 1024
-# The tiny config's width (so only the depth differs from configs/tiny_mor.yaml), six layers.
-SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-             rope_theta=5e4, rms_norm_eps=1e-5, max_position_embeddings=256)
-FROM_SOURCE = ["model.num_layers=null"]  # the tiny config's 8 layers: the source says 6
-
-
-def bundled_texts(count: int) -> list[str]:
-    """The first texts of the bundled corpus."""
-    with gzip.open(next(BUNDLED_CORPUS.glob("*.jsonl.gz")), "rt", encoding="utf-8") as handle:
-        return [json.loads(line)["text"] for line, _ in zip(handle, range(count))]
-
-
-def save_tokenizer(path: Path, texts: list[str]) -> None:
-    """A small byte-level BPE with an end-of-text token, trained here, next to the model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-
-
-def save_llama(path: Path, tied: bool = False, seed: int = 0, **shape: object) -> LlamaForCausalLM:
-    """A random LlamaForCausalLM written by save_pretrained (config.json and model.safetensors) with a tokenizer."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, tie_word_embeddings=tied, **{**SHAPE, **shape})).eval()
-    with torch.no_grad():  # visible norms, so that a norm mapped to the wrong place shows in the logits
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.uniform_(0.5, 1.5)
-    model.save_pretrained(path)
-    save_tokenizer(path, bundled_texts(200))
-    return model
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
@@ -258,20 +218,6 @@ def test_uptraining_at_tp2_checkpoints_the_imported_weights(llama, tmp_path):
     assert (logits - hf_logits(reference, IDS)).abs().max() < 1e-4
 
 
-def _train_briefly(tmp_path: Path, overrides: list[str], tracked: bool = False) -> Path:
-    """One training step in a gloo world of one (no Ray); the checkpoint it writes."""
-    from mor_dist.data import prepare_data
-
-    overrides = [*overrides, "train.steps=1", "train.warmup_steps=0", "train.micro_batch_size=2",
-                 "train.global_batch_size=2", "train.eval_batches=1", f"tracking.enabled={str(tracked).lower()}"]
-    cfg = load_config(None, overrides)
-    data = prepare_data(cfg, tmp_path / "cache")
-    from mor_dist.data import padded_vocab_size
-
-    vocab = cfg.model.vocab_size or padded_vocab_size(data.vocab_size)
-    return Path(run_world(1, overrides, data.directory, vocab, tmp_path / "train")[-1]["checkpoint"])
-
-
 def test_a_vanilla_export_loads_in_plain_transformers_and_its_run_records_it(llama, tmp_path):
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM
@@ -280,7 +226,7 @@ def test_a_vanilla_export_loads_in_plain_transformers_and_its_run_records_it(lla
     from mor_dist.train.export import export_hf
 
     path, reference = llama
-    checkpoint = _train_briefly(tmp_path, [f"model.init_from={path}", *FROM_SOURCE, *VANILLA, "train.lr=1e-12"],
+    checkpoint = train_briefly(tmp_path, [f"model.init_from={path}", *FROM_SOURCE, *VANILLA, "train.lr=1e-12"],
                                 tracked=True)
     done = export_hf(checkpoint, tmp_path / "hf")
     assert done["class"] == "LlamaForCausalLM"
@@ -309,7 +255,7 @@ def test_a_recursive_or_mor_export_loads_through_mor_dist_hf(kind, tmp_path):
     from mor_dist.train.export import export, export_hf
 
     overrides = [f"model.kind={kind}", "model.init_method_std=0.2", "routing.inference_rule=threshold"]
-    run_dir = _train_briefly(tmp_path, overrides).parent  # a run directory: its newest whole checkpoint
+    run_dir = train_briefly(tmp_path, overrides).parent  # a run directory: its newest whole checkpoint
     export(run_dir, tmp_path / "model.pt")
     assert export_hf(run_dir, tmp_path / "hf")["class"] == "MoRForCausalLM"
     importlib.import_module("mor_dist.hf")  # registers the Auto classes: no trust_remote_code
