@@ -4,8 +4,6 @@ model on the same weights, MLflow records, MoR's mean depth, offline refusals.""
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import pytest
 from lm_eval.api.instance import Instance
@@ -13,52 +11,10 @@ from mlflow import MlflowClient
 
 from mor_dist.catalog import read_manifest
 from mor_dist.errors import ConfigError
-from llama_source import FROM_SOURCE, bundled_texts, save_llama, train_briefly
+from mor_dist.evaluation.local_tasks import write_tasks
+from llama_source import FROM_SOURCE, save_llama, train_briefly
 
 VANILLA = ["model.kind=vanilla", "model.num_recursions=1"]
-
-
-def sentences(count: int) -> list[str]:
-    """Sentences of the bundled corpus, 8 to 30 words long."""
-    out = []
-    for text in bundled_texts(60):
-        out += [s.strip() + "." for s in text.replace("\n", " ").split(". ") if 8 <= len(s.split()) <= 30]
-    return out[:count]
-
-
-def write_tasks(folder: Path) -> Path:
-    """A multiple-choice task (which ending belongs to the sentence), a perplexity task and a generation task,
-    as lm-eval YAML over JSONL."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows, rng = sentences(40), random.Random(0)
-    mc = []
-    for i, sentence in enumerate(rows[:20]):
-        words = sentence.split()
-        cut = len(words) // 2
-        others = [" " + " ".join(rows[(i + k) % len(rows)].split()[cut:]) for k in (7, 13, 19)]
-        choices = others + [" " + " ".join(words[cut:])]
-        rng.shuffle(choices)
-        mc.append({"question": " ".join(words[:cut]), "choices": choices,
-                   "label": choices.index(" " + " ".join(words[cut:]))})
-    files = {"mc": mc, "ppl": [{"text": s} for s in rows[20:30]],
-             "gen": [{"prompt": " ".join(s.split()[:6]), "answer": " ".join(s.split()[6:9])} for s in rows[30:34]]}
-    for name, docs in files.items():
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    common = "dataset_path: json\ntest_split: test\nmetadata:\n  version: 1.0\n"
-    (folder / "tiny_mc.yaml").write_text(
-        f"task: tiny_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
-        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\ndoc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    (folder / "tiny_ppl.yaml").write_text(
-        f"task: tiny_ppl\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'ppl.jsonl'}\n"
-        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
-    (folder / "tiny_gen.yaml").write_text(
-        f"task: tiny_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
-        "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
-        "generation_kwargs:\n  until: ['.']\n  max_gen_toks: 8\n"
-        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
-    return folder
 
 
 @pytest.fixture(scope="module")
