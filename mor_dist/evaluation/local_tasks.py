@@ -1,7 +1,8 @@
 """Three small lm-eval tasks over local JSONL, written from the bundled corpus: the offline route to
 `jobs/evaluate.py` (`python -m mor_dist.evaluation.local_tasks DIR`, then `--include-path DIR`).
 
-- tiny_mc: multiple choice, which of four endings belongs to a sentence (chance 25%);
+- tiny_mc: multiple choice, which of four endings belongs to a sentence (chance 25%; acc_norm divides
+  each ending's log-likelihood by its length in bytes, as for HellaSwag);
 - tiny_ppl: word perplexity and bits per byte of held-out sentences (lm-eval's loglikelihood_rolling);
 - tiny_gen: greedy continuation of a sentence's first six words, exact match of the next three.
 The sentences come from the bundled Python documentation: a model trained on that corpus has seen them.
@@ -49,11 +50,13 @@ def write_tasks(folder: Path) -> Path:
     (folder / "tiny_mc.yaml").write_text(
         f"task: tiny_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
         "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\ndoc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
     (folder / "tiny_ppl.yaml").write_text(
         f"task: tiny_ppl\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'ppl.jsonl'}\n"
         "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
-        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+        "metric_list:\n  - metric: word_perplexity\n    aggregation: weighted_perplexity\n    higher_is_better: false\n"
+        "  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n")
     (folder / "tiny_gen.yaml").write_text(
         f"task: tiny_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'gen.jsonl'}\n"
         "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"

@@ -101,7 +101,7 @@ def evaluate(source: Path, tasks: list[str], num_fewshot: Optional[int] = None, 
         out.results.update(done["results"])
         out.configs.update({name: {"version": done.get("versions", {}).get(name),
                                    "num_fewshot": done.get("n-shot", {}).get(name)} for name in done["results"]})
-        if hasattr(lm, "depth_tokens") and lm.depth_tokens > before[1]:
+        if getattr(getattr(lm, "model", None), "routed", False) and lm.depth_tokens > before[1]:
             out.mean_depth[task] = (lm.depth_sum - before[0]) / (lm.depth_tokens - before[1])
     return out
 
