@@ -1,4 +1,4 @@
-"""A transformers model for mor-dist's recursive and expert-choice MoR models (PreTrainedModel + GenerationMixin).
+"""A transformers model for mor-dist's recursive and MoR models (PreTrainedModel + GenerationMixin).
 
 Llama layers under Llama's parameter names, one per unique slot, run in the order of the layer plan
 (`unrolled`); a routed recursion runs with the causal rule the project's own engine uses (a token
@@ -6,8 +6,9 @@ takes recursion r iff it took r-1 and sigmoid(router logit) >= the recursion's t
 recursions take every candidate), then h <- h + w * f(h) for the tokens that took it. Routing is
 written with masks rather than gathered tokens: every token goes through the block, and a recursion's
 attention only sees the keys of the tokens that took it (recursion-wise caching), so a full forward
-and a cached decode agree. The cache keeps K/V per unrolled layer ("site") and which tokens took
-each recursion; it trades the project engine's memory saving (mor_dist/inference) for portability.
+and a cached decode agree. Token-choice routing assigns each token its depth after the prefix and
+exits with h + w * state, as the project's model does. The cache keeps K/V per unrolled layer
+("site") and which tokens took each recursion; it trades the project engine's memory saving (mor_dist/inference) for portability.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ class MoRConfig(PretrainedConfig):
                  num_recursions: int = 1, routed: bool = False, router_alpha: float = 0.1,
                  router_activation: str = "sigmoid", router_gating: str = "weighted",
                  capacities: Optional[list[float]] = None, thresholds: Optional[list[float]] = None,
-                 aux_router: bool = False, tie_word_embeddings: bool = True, use_cache: bool = True,
-                 **kwargs: Any) -> None:
+                 aux_router: bool = False, router_kind: str = "expert_choice", loss_free_balancing: bool = False,
+                 tie_word_embeddings: bool = True, use_cache: bool = True, **kwargs: Any) -> None:
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_attention_heads, self.num_key_value_heads = num_attention_heads, num_key_value_heads
         self.head_dim = head_dim or hidden_size // num_attention_heads
@@ -53,6 +54,7 @@ class MoRConfig(PretrainedConfig):
         self.capacities = list(capacities or [1.0] * num_recursions)
         self.thresholds = list(thresholds or [0.5] * num_recursions)
         self.aux_router, self.use_cache = aux_router, use_cache
+        self.router_kind, self.loss_free_balancing = router_kind, loss_free_balancing
         kwargs.setdefault("num_hidden_layers", len(self.unrolled))  # one cache layer per site
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -63,17 +65,18 @@ class MoRConfig(PretrainedConfig):
 
         r = cfg.routing
         routed = cfg.layout.routed
-        if routed and (r.kind != "expert_choice" or r.kv_sharing):
-            raise ConfigError(f"--format hf exports recursive models and expert-choice MoR with recursion-wise KV; "
-                              f"this one has routing.kind={r.kind}, routing.kv_sharing={r.kv_sharing}: export it "
-                              "with --format pt for jobs/generate.py")
+        if routed and r.kv_sharing:
+            raise ConfigError("--format hf exports recursive models and MoR with recursion-wise KV; this one has "
+                              "routing.kv_sharing=true: export it with --format pt for jobs/generate.py")
         plan = cfg.layout.plan
         values = {k: v for k, v in llama_values.items() if k != "num_hidden_layers"}
         return cls(**values, num_slots=plan.num_unique, unrolled=list(plan.unrolled), block=list(plan.block),
                    num_recursions=plan.num_recursions, routed=routed,
-                   router_alpha=0.1 if r.alpha is None else r.alpha, router_activation=r.activation or "sigmoid",
+                   router_alpha=(0.1 if r.kind == "expert_choice" else 1.0) if r.alpha is None else r.alpha,
+                   router_activation=r.activation or ("sigmoid" if r.kind == "expert_choice" else "softmax"),
                    router_gating=r.gating, capacities=cfg.capacities, thresholds=[r.threshold] * plan.num_recursions,
-                   aux_router=r.aux_router, architectures=["MoRForCausalLM"])
+                   aux_router=r.aux_router, router_kind=r.kind, loss_free_balancing=r.loss_free_balancing,
+                   architectures=["MoRForCausalLM"])
 
     @property
     def prefix_len(self) -> int:
@@ -88,7 +91,7 @@ def mor_weights(tensors: dict[str, torch.Tensor], cfg: Any, heads: Heads) -> dic
         out[HF_OUTPUT] = tensors[OUTPUT]
     for slot in range(cfg.layout.plan.num_unique):
         out.update(layer_to_hf({key: tensors[f"layers.{slot}.{key}"] for key in LAYER_KEYS}, slot, heads))
-    for name in ("weight", "aux_weight"):
+    for name in ("weight", "aux_weight", "bias"):
         if f"router.{name}" in tensors:
             out[f"model.router.{name}"] = tensors[f"router.{name}"]
     return out
@@ -163,6 +166,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(config.num_recursions, config.hidden_size))
         self.aux_weight = nn.Parameter(torch.zeros(config.num_recursions, config.hidden_size)) \
             if config.aux_router else None
+        if config.router_kind == "token_choice":  # loss-free balancing's bias (zeros without it)
+            self.register_buffer("bias", torch.zeros(config.num_recursions))
 
 
 class MoRBackbone(nn.Module):
@@ -218,6 +223,15 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         gate = probs * c.router_alpha if c.router_gating != "identity" else torch.ones_like(probs)
         return takes, gate[..., None].to(h.dtype)
 
+    def _assign(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-choice: each token's depth (1..N_r) and gate [b, s, 1], decided once after the prefix."""
+        c, router = self.config, self.model.router
+        logits = h.float() @ router.weight.float().t()
+        probs = logits.softmax(-1) if c.router_activation == "softmax" else torch.sigmoid(logits)
+        choice = (probs + router.bias).argmax(-1) if c.loss_free_balancing else probs.argmax(-1)
+        gate = probs.gather(-1, choice[..., None]) * c.router_alpha
+        return choice + 1, (torch.ones_like(gate) if c.router_gating == "identity" else gate).to(h.dtype)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 cache: Optional[DynamicCache] = None, use_cache: Optional[bool] = None,
                 labels: Optional[torch.Tensor] = None, logits_to_keep: int = 0,
@@ -251,15 +265,27 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         if c.routed:
             history = getattr(cache, "mor_took", None) if cache is not None else None
             took = torch.ones(b, s, dtype=torch.bool, device=h.device)
+            token_choice = c.router_kind == "token_choice"
+            if token_choice:  # the state is the block output while a token recurses; h + w * state at exit
+                depth, gate = self._assign(h)
+                state = h
             new_history = []
             for r in range(c.num_recursions):
-                took, gate = self._route(r, h, took)
+                if token_choice:
+                    took = depth >= r + 1
+                else:
+                    took, gate = self._route(r, h, took)
                 seen = took if history is None else torch.cat([history[r], took], dim=1)
                 new_history.append(seen)
-                x, sub = h, mask(seen & keys_ok)
+                x, sub = state if token_choice else h, mask(seen & keys_ok)
                 for i, slot in enumerate(c.block):
                     x = self.model.layers[slot](x, cos, sin, sub, cache, prefix + r * len(c.block) + i)
-                h = h + (gate * x) * took[..., None].to(h.dtype)
+                if token_choice:
+                    state = torch.where(took[..., None], x, state)
+                else:
+                    h = h + (gate * x) * took[..., None].to(h.dtype)
+            if token_choice:
+                h = h + gate * state
             if cache is not None:
                 cache.mor_took = new_history
             suffix_start = prefix + c.num_recursions * len(c.block)
