@@ -243,7 +243,7 @@ def test_a_vanilla_export_loads_in_plain_transformers_and_its_run_records_it(lla
         export_hf(checkpoint, tmp_path / "hf")  # never over an earlier export
 
 
-@pytest.mark.parametrize("kind", ["mor", "recursive", "token_choice"])
+@pytest.mark.parametrize("kind", ["mor", "recursive", "token_choice", "kv_sharing"])
 def test_a_recursive_or_mor_export_loads_through_mor_dist_hf(kind, tmp_path):
     """Logits equal to the project's model under the causal rule, and greedy generate() equal to
     jobs/generate.py --temperature 0 (the project's engine with its paged cache); export and generate take
@@ -254,7 +254,8 @@ def test_a_recursive_or_mor_export_loads_through_mor_dist_hf(kind, tmp_path):
     from mor_dist.inference.sampling import Sampler
     from mor_dist.train.export import export, export_hf
 
-    overrides = ["model.kind=mor", "routing.kind=token_choice"] if kind == "token_choice" else [f"model.kind={kind}"]
+    overrides = {"token_choice": ["routing.kind=token_choice"], "kv_sharing": ["routing.kv_sharing=true"]}.get(
+        kind, [f"model.kind={kind}"])
     overrides += ["model.init_method_std=0.2", "routing.inference_rule=threshold"]
     run_dir = train_briefly(tmp_path, overrides).parent  # a run directory: its newest whole checkpoint
     export(run_dir, tmp_path / "model.pt")

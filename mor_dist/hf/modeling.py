@@ -6,7 +6,8 @@ takes recursion r iff it took r-1 and sigmoid(router logit) >= the recursion's t
 recursions take every candidate), then h <- h + w * f(h) for the tokens that took it. Routing is
 written with masks rather than gathered tokens: every token goes through the block, and a recursion's
 attention only sees the keys of the tokens that took it (recursion-wise caching), so a full forward
-and a cached decode agree. Token-choice routing assigns each token its depth after the prefix and
+and a cached decode agree. Under recursive KV sharing later recursions attend to recursion 1's
+keys and values (no K/V projection of their own). Token-choice routing assigns each token its depth after the prefix and
 exits with h + w * state, as the project's model does. The cache keeps K/V per unrolled layer
 ("site") and which tokens took each recursion; it trades the project engine's memory saving (mor_dist/inference) for portability.
 """
@@ -42,6 +43,7 @@ class MoRConfig(PretrainedConfig):
                  router_activation: str = "sigmoid", router_gating: str = "weighted",
                  capacities: Optional[list[float]] = None, thresholds: Optional[list[float]] = None,
                  aux_router: bool = False, router_kind: str = "expert_choice", loss_free_balancing: bool = False,
+                 kv_sharing: bool = False,
                  tie_word_embeddings: bool = True, use_cache: bool = True, **kwargs: Any) -> None:
         self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
         self.num_attention_heads, self.num_key_value_heads = num_attention_heads, num_key_value_heads
@@ -54,20 +56,15 @@ class MoRConfig(PretrainedConfig):
         self.capacities = list(capacities or [1.0] * num_recursions)
         self.thresholds = list(thresholds or [0.5] * num_recursions)
         self.aux_router, self.use_cache = aux_router, use_cache
-        self.router_kind, self.loss_free_balancing = router_kind, loss_free_balancing
+        self.router_kind, self.loss_free_balancing, self.kv_sharing = router_kind, loss_free_balancing, kv_sharing
         kwargs.setdefault("num_hidden_layers", len(self.unrolled))  # one cache layer per site
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @classmethod
     def from_job(cls, cfg: Any, llama_values: dict[str, Any]) -> "MoRConfig":
-        """From a JobConfig (recursive, or MoR with expert-choice routing and recursion-wise KV)."""
-        from mor_dist.errors import ConfigError
-
+        """From a JobConfig (recursive or MoR)."""
         r = cfg.routing
         routed = cfg.layout.routed
-        if routed and r.kv_sharing:
-            raise ConfigError("--format hf exports recursive models and MoR with recursion-wise KV; this one has "
-                              "routing.kv_sharing=true: export it with --format pt for jobs/generate.py")
         plan = cfg.layout.plan
         values = {k: v for k, v in llama_values.items() if k != "num_hidden_layers"}
         return cls(**values, num_slots=plan.num_unique, unrolled=list(plan.unrolled), block=list(plan.block),
@@ -76,6 +73,7 @@ class MoRConfig(PretrainedConfig):
                    router_activation=r.activation or ("sigmoid" if r.kind == "expert_choice" else "softmax"),
                    router_gating=r.gating, capacities=cfg.capacities, thresholds=[r.threshold] * plan.num_recursions,
                    aux_router=r.aux_router, router_kind=r.kind, loss_free_balancing=r.loss_free_balancing,
+                   kv_sharing=routed and r.kv_sharing,
                    architectures=["MoRForCausalLM"])
 
     @property
@@ -123,12 +121,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: Optional[DynamicCache], site: int) -> torch.Tensor:
+                cache: Optional[DynamicCache], site: int, shared: Optional[list] = None) -> torch.Tensor:
+        """`shared` (KV sharing): an empty holder records this call's K/V (recursion 1); a filled one is
+        attended to instead, with no K/V projection (later recursions)."""
         b, s, _ = x.shape
-        q, k, v = (proj(x).view(b, s, -1, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(k, v, site)
+        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        if shared is not None and shared[0] is not None:
+            k, v = shared[0]
+        else:
+            k, v = (proj(x).view(b, s, -1, self.head_dim).transpose(1, 2) for proj in (self.k_proj, self.v_proj))
+            k = k * cos + rotate_half(k) * sin
+            if cache is not None:
+                k, v = cache.update(k, v, site)
+            if shared is not None:
+                shared[0] = (k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -155,8 +162,8 @@ class Layer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                cache: Optional[DynamicCache], site: int) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, site)
+                cache: Optional[DynamicCache], site: int, shared: Optional[list] = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, site, shared)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -270,6 +277,7 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
                 depth, gate = self._assign(h)
                 state = h
             new_history = []
+            shared = [[None] for _ in c.block] if c.kv_sharing else [None] * len(c.block)
             for r in range(c.num_recursions):
                 if token_choice:
                     took = depth >= r + 1
@@ -277,9 +285,10 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
                     took, gate = self._route(r, h, took)
                 seen = took if history is None else torch.cat([history[r], took], dim=1)
                 new_history.append(seen)
-                x, sub = state if token_choice else h, mask(seen & keys_ok)
+                # KV sharing: every recursion attends to the keys of the tokens recursion 1 took
+                x, sub = state if token_choice else h, mask((new_history[0] if c.kv_sharing else seen) & keys_ok)
                 for i, slot in enumerate(c.block):
-                    x = self.model.layers[slot](x, cos, sin, sub, cache, prefix + r * len(c.block) + i)
+                    x = self.model.layers[slot](x, cos, sin, sub, cache, prefix + r * len(c.block) + i, shared[i])
                 if token_choice:
                     state = torch.where(took[..., None], x, state)
                 else:
