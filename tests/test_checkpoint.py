@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -225,6 +226,9 @@ def test_a_kill_while_checkpointing_then_resume_from_an_older_checkpoint(referen
     left = {d.name: verify(d) for d in checkpoint_dirs(run_dir)}
     assert all(problem is None for problem in left.values()), left  # the partial one is gone
     assert sorted(read_manifest(run_dir / name)["step"] for name in left) == [2, 6, 8]  # keep 2, plus the one asked for
+    for name in left:  # the step is in the name: checkpoint_000006_<date>_<time>
+        assert re.fullmatch(rf"checkpoint_{read_manifest(run_dir / name)['step']:06d}_\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d",
+                            name), name
     logged = logged_losses(run_dir)
     assert sorted(logged) == list(range(1, 9))
     for step, loss in logged.items():
