@@ -19,8 +19,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--tracking-uri", default=default_tracking_uri(),
                         help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
     parser.add_argument("--plot", type=Path, default=Path("runs/compare_loss.png"),
-                        help="where to write the loss-versus-tokens PNG")
+                        help="where to write the PNG: loss versus tokens and versus training FLOPs")
     args = parser.parse_args(argv)
     print(compare(args.tracking_uri, args.experiment, args.run_ids, args.plot, args.filter))
-    print(f"\nloss versus tokens: {args.plot}")
+    print(f"\nloss versus tokens and versus training FLOPs: {args.plot}")
     return 0

@@ -1,4 +1,5 @@
-"""Side-by-side comparison of tracked runs: a summary table and a loss-versus-tokens plot."""
+"""Side-by-side comparison of tracked runs: a summary table (with mean depth and lm-eval results) and loss
+against tokens and against training compute (the paper compares at equal FLOPs)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class RunSummary:
     tokens_per_s: Optional[float]
     mfu: Optional[float]
     peak_mem_gib: Optional[float]
+    mean_depth: Optional[float]  # at the last validation (top-k routing)
+    evals: dict[str, float]  # jobs/evaluate.py results, `<task>/<metric>`: latest value
 
 
 def find_runs(client: Any, experiment: Optional[str], run_ids: list[str], filter_string: str = "") -> list[Any]:
@@ -69,6 +72,7 @@ def summarize_run(client: Any, run: Any) -> RunSummary:
     speed = [v for _, v in history(client, run_id, "perf/tokens_per_s")]
     mfu = [v for _, v in history(client, run_id, "perf/mfu")]
     memory = [v for _, v in history(client, run_id, "perf/peak_mem_gib")]
+    depth = [v for _, v in history(client, run_id, "router/val/mean_depth")]
     params = run.data.params.get("derived.num_parameters")
     return RunSummary(
         name=run.info.run_name or run_id[:8],
@@ -80,6 +84,8 @@ def summarize_run(client: Any, run: Any) -> RunSummary:
         tokens_per_s=statistics.median(speed) if speed else None,
         mfu=statistics.median(mfu) if mfu else None,
         peak_mem_gib=max(memory) if memory else None,
+        mean_depth=depth[-1] if depth else None,
+        evals={key.removeprefix("eval/"): value for key, value in run.data.metrics.items() if key.startswith("eval/")},
     )
 
 
@@ -89,11 +95,13 @@ def _fmt(value: Optional[float], spec: str, scale: float = 1.0, suffix: str = ""
 
 def format_table(rows: list[RunSummary]) -> str:
     """Aligned plain-text table, one run per line."""
-    header = ["run", "run id", "model", "params", "final val loss", "best val loss", "tokens/s", "MFU",
-              "peak mem GiB"]
+    evals = sorted({key for r in rows for key in r.evals})
+    header = ["run", "run id", "model", "params", "final val loss", "best val loss", "mean depth", "tokens/s", "MFU",
+              "peak mem GiB", *evals]
     body = [[r.name, r.run_id[:8], r.model, _fmt(r.params, ".2f", 1e-6, "M"), _fmt(r.final_val_loss, ".4f"),
-             _fmt(r.best_val_loss, ".4f"), _fmt(r.tokens_per_s, ",.0f"), _fmt(r.mfu, ".1f", 100, "%"),
-             _fmt(r.peak_mem_gib, ".2f")] for r in rows]
+             _fmt(r.best_val_loss, ".4f"), _fmt(r.mean_depth, ".2f"), _fmt(r.tokens_per_s, ",.0f"),
+             _fmt(r.mfu, ".1f", 100, "%"), _fmt(r.peak_mem_gib, ".2f"), *(_fmt(r.evals.get(k), ".4g") for k in evals)]
+            for r in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
              for line in [header, *body]]
@@ -101,23 +109,39 @@ def format_table(rows: list[RunSummary]) -> str:
     return "\n".join(lines)
 
 
+def training_flops_per_token(run: Any) -> Optional[float]:
+    """3x the forward FLOPs per token in the paper's App. D accounting (docs/flops.md), else the executed count."""
+    params = run.data.params
+    value = params.get("derived.budget_flops_per_token") or params.get("derived.flops_per_token")
+    return 3.0 * float(value) if value is not None else None
+
+
 def plot_loss(client: Any, runs: list[Any], path: Path) -> None:
-    """PNG: training loss (lines) and validation loss (markers) against tokens seen, one colour per run."""
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    ax = fig.subplots()
+    """PNG: training loss (lines) and validation loss (markers) against tokens seen and against training FLOPs,
+    one colour per run."""
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    by_tokens, by_flops = fig.subplots(1, 2)
     for i, run in enumerate(runs):
         run_id, color = run.info.run_id, f"C{i % 10}"
         tokens = dict(history(client, run_id, "train/tokens"))
         label = f"{run.info.run_name or run_id[:8]} ({model_label(run.data.tags)})"
         train = [(tokens[s], v) for s, v in history(client, run_id, "train/loss") if s in tokens]
         val = [(tokens[s], v) for s, v in history(client, run_id, "val/loss") if s in tokens]
-        if train:
-            ax.plot(*zip(*train), color=color, label=label)
-        if val:
-            ax.plot(*zip(*val), "o", color=color, label=f"{label} val" if train else label)
-    ax.set(xlabel="tokens", ylabel="loss", title="Loss versus tokens")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+        flops = training_flops_per_token(run)
+        for ax, scale in ((by_tokens, 1.0), (by_flops, flops)):
+            if scale is None:
+                continue
+            if train:
+                ax.plot([t * scale for t, _ in train], [v for _, v in train], color=color, label=label)
+            if val:
+                ax.plot([t * scale for t, _ in val], [v for _, v in val], "o", color=color,
+                        label=f"{label} val" if train else label)
+    by_tokens.set(xlabel="tokens", ylabel="loss", title="Loss versus tokens")
+    by_flops.set(xlabel="training FLOPs (3x forward, paper's App. D accounting)", ylabel="loss",
+                 title="Loss versus compute")
+    for ax in (by_tokens, by_flops):
+        ax.grid(alpha=0.3)
+    by_tokens.legend(fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
 

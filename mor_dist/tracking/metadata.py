@@ -9,7 +9,7 @@ from typing import Any
 import torch.distributed as dist
 
 from mor_dist.config import REPO_ROOT, JobConfig, flatten
-from mor_dist.model.flops import forward_flops_per_token, layer_matmul_params
+from mor_dist.model.flops import budget_flops_per_token, forward_flops_per_token, layer_matmul_params
 
 PARAM_VALUE_LIMIT = 500
 
@@ -43,6 +43,7 @@ def run_params(cfg: JobConfig, vocab_size: int) -> dict[str, str]:
     values["derived.vocab_size"] = vocab_size
     values["derived.num_parameters"] = parameter_count(cfg, vocab_size)
     values["derived.flops_per_token"] = forward_flops_per_token(cfg, vocab_size).total
+    values["derived.budget_flops_per_token"] = budget_flops_per_token(cfg).total  # the paper's App. D accounting
     return {k: ("null" if v is None else str(v))[:PARAM_VALUE_LIMIT] for k, v in values.items()}
 
 
