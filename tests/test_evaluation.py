@@ -65,7 +65,7 @@ def test_results_land_in_the_training_runs_mlflow_run(vanilla):
     assert run.data.metrics["eval/tiny_mc/acc"] == done.results["tiny_mc"]["acc,none"]
     assert run.data.metrics["eval/tiny_ppl/word_perplexity"] > 1.0
     assert "eval/tiny_gen/exact_match" in run.data.metrics
-    assert run.data.tags["eval.tiny_mc.version"] == "1.0" and run.data.tags["eval.routing"] == "causal"
+    assert run.data.tags["eval.tiny_mc.version"] == "1.0" and run.data.tags["eval.routing.causal"] == "evaluated"
 
 
 def test_a_mor_checkpoint_reports_its_mean_depth_under_each_routing_rule(tmp_path):

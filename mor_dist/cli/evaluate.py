@@ -25,8 +25,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--num-fewshot", type=non_negative_int, default=None, help="default: each task's own")
     parser.add_argument("--limit", type=positive_int, default=None, help="at most this many documents per task")
     parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--routing", choices=("causal", "topk"), default="causal",
-                        help="MoR's rule: causal (what generation does) or topk (the paper's training rule)")
+    parser.add_argument("--routing", choices=("causal", "topk", "both"), default="causal",
+                        help="MoR's rule: causal (what generation does), topk (the paper's training rule) or both")
     parser.add_argument("--include-path", type=Path, default=None, help="a folder of local lm-eval YAML tasks")
     args = parser.parse_args(argv)
     if not args.source.exists():
@@ -39,12 +39,13 @@ def main(argv: list[str]) -> int:
     from mor_dist.evaluation.run import evaluate, record, task_names
 
     tasks = task_names(args.tasks)
-    done = evaluate(args.source, tasks, args.num_fewshot, args.limit, args.batch_size, args.routing,
-                    args.include_path)
-    print(make_table({"results": done.results, "configs": {}, "versions": {t: c["version"] for t, c in
-                                                                           done.configs.items()},
-                      "n-shot": {t: c["num_fewshot"] for t, c in done.configs.items()}}))
-    for task, depth in done.mean_depth.items():
-        print(f"{task}: mean recursion depth {depth:.3f} ({done.routing} routing)")
-    print(f"recorded in MLflow: {record(done, args.source, tasks)}")
+    for routing in ("causal", "topk") if args.routing == "both" else (args.routing,):
+        done = evaluate(args.source, tasks, args.num_fewshot, args.limit, args.batch_size, routing,
+                        args.include_path)
+        print(f"\n{routing} routing\n" + make_table({
+            "results": done.results, "configs": {}, "versions": {t: c["version"] for t, c in done.configs.items()},
+            "n-shot": {t: c["num_fewshot"] for t, c in done.configs.items()}}))
+        for task, depth in done.mean_depth.items():
+            print(f"{task}: mean recursion depth {depth:.3f} ({routing} routing)")
+        print(f"recorded in MLflow: {record(done, args.source, tasks)}")
     return 0

@@ -27,15 +27,17 @@ class Evaluation:
     checkpoint: Optional[Path] = None  # the training checkpoint evaluated, if the source was one
 
     def metrics(self) -> dict[str, float]:
-        """eval/<task>/<metric> (lm-eval's "acc,none" as "acc", other filters as "acc_<filter>")."""
+        """eval/<task>/<metric> (lm-eval's "acc,none" as "acc", other filters as "acc_<filter>"); eval_topk/...
+        under the top-k rule."""
+        root = "eval" if self.routing == "causal" else "eval_topk"
         out = {}
         for task, values in self.results.items():
             for key, value in values.items():
                 name, _, filt = key.partition(",")
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in name:
-                    out[f"eval/{task}/{name if filt in ('', 'none') else f'{name}_{filt}'}"] = float(value)
+                    out[f"{root}/{task}/{name if filt in ('', 'none') else f'{name}_{filt}'}"] = float(value)
             if task in self.mean_depth:
-                out[f"eval/{task}/mean_depth"] = self.mean_depth[task]
+                out[f"{root}/{task}/mean_depth"] = self.mean_depth[task]
         return out
 
 
@@ -70,6 +72,10 @@ def load_source(source: Path, batch_size: int, routing: str) -> tuple[Any, Optio
     checkpoint directory or an exported file; lm-eval's `hf` model for a Hugging Face folder."""
     if (source / "config.json").is_file():
         from lm_eval.models.huggingface import HFLM
+
+        if routing != "causal":
+            raise ConfigError(f"--routing {routing}: a Hugging Face folder routes with the causal rule only; give "
+                              "the run directory or checkpoint for top-k")
 
         importlib.import_module("mor_dist.hf")  # MoR folders load through the Auto classes
 
@@ -138,7 +144,7 @@ def record(evaluation: Evaluation, source: Path, tasks: list[str]) -> str:
     for task, conf in evaluation.configs.items():
         for key, value in conf.items():
             client.set_tag(run_id, f"eval.{task}.{key}", str(value))
-    client.set_tag(run_id, "eval.routing", evaluation.routing)
+    client.set_tag(run_id, f"eval.routing.{evaluation.routing}", "evaluated")
     path = run_dir / f"eval-{stamp}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"tasks": tasks, "routing": evaluation.routing, "results": evaluation.results,
