@@ -11,7 +11,6 @@ from mor_dist.cmdline import command
 from mor_dist.config import load_config
 from mor_dist.errors import ConfigError
 from mor_dist.launch import RunComplete, TrainingFailed, dry_run, launch
-from mor_dist.tracking.tracker import where_to_look
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,6 +44,8 @@ def main(argv: list[str]) -> int:
     except TrainingFailed as failed:
         print(f"\n{failed.summary}\n\ndetails:\n{failed.details}", file=sys.stderr)
         return 1
+    from mor_dist.tracking.tracker import where_to_look  # imports megatron: only once a run has finished
+
     print("\nDone. Outputs:")
     print(f"  run directory   {result.run_dir}")
     print(f"  checkpoint      {result.checkpoint}")
