@@ -20,10 +20,11 @@ from llama_source import FROM_SOURCE, VOCAB, save_llama, train_briefly
 from multiproc import run_ranks, run_world
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
-def llama(request, tmp_path_factory):
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A small random Llama with untied embeddings (the first test also imports a tied one)."""
     path = tmp_path_factory.mktemp("llama")
-    return path, save_llama(path, tied=request.param)
+    return path, save_llama(path)
 
 
 def imported(path: Path, *overrides: str):
@@ -39,11 +40,12 @@ IDS = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0
 VANILLA = ("model.kind=vanilla", "model.num_recursions=1")
 
 
-def test_imported_llama_gives_transformers_logits(world, llama):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_imported_llama_gives_transformers_logits(world, tmp_path, tied):
     from mor_dist.model.from_pretrained import load_pretrained
     from mor_dist.model.mor import build_model
 
-    path, reference = llama
+    path, reference = tmp_path, save_llama(tmp_path, tied=tied)
     cfg = imported(path, *VANILLA)
     m = cfg.model
     assert (m.num_layers, m.rotary_base, m.tie_embeddings) == (6, 5e4, reference.config.tie_word_embeddings)
