@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import typing
 from dataclasses import dataclass, field
@@ -172,6 +173,12 @@ class JobConfig:
 # ---------------------------------------------------------------- loading
 
 
+def _did_you_mean(given: str, choices: list[str], prefix: str = "") -> str:
+    """' (did you mean X?)' for the closest choice (difflib), or nothing when none is close."""
+    close = difflib.get_close_matches(given, choices, n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
 SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -188,7 +195,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, bool) and all(isinstance(a, str) for a in args):
             value = str(value).lower()
         if value not in args:
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(args)}")
+            raise ConfigError(f"{key}={value!r} is not allowed{_did_you_mean(str(value), [str(a) for a in args])}; "
+                              f"choose one of {list(args)}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -223,7 +231,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}'; valid keys under '{prefix or '.'}' are {names}")
+            raise ConfigError(f"unknown config key '{dotted}'{_did_you_mean(key, names, prefix)}; valid keys under "
+                              f"'{prefix or '.'}' are {names}")
         if dataclasses.is_dataclass(hints[key]):
             if not isinstance(value, dict):
                 raise ConfigError(f"'{dotted}' must be a mapping of {hints[key].__name__} fields")

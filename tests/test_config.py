@@ -37,6 +37,15 @@ def test_every_preset_loads(path):
     assert load_config(path).run.name == path.stem
 
 
+def test_a_mistyped_key_or_choice_gets_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.stepz' \(did you mean 'train.steps'\?\)"):
+        load_config(None, ["train.stepz=3"])
+    with pytest.raises(ConfigError, match=r"routing.kind='expert_choise' is not allowed \(did you mean 'expert_choice'\?\)"):
+        load_config(None, ["routing.kind=expert_choise"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.zzz'; valid keys"):  # nothing close: no guess
+        load_config(None, ["train.zzz=1"])
+
+
 def test_numbers_are_read_as_people_write_them(tmp_path):
     """3e-4 and 1E-6 (strings to YAML 1.1 without a dot), 1_000 and 0.5, in overrides and in YAML files."""
     cfg = load_config(None, ["train.lr=3e-4", "model.norm_epsilon=1E-6", "train.steps=1_000", "train.min_lr=0.5e-4",
