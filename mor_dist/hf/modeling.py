@@ -191,12 +191,23 @@ class MoRPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["Layer"]
 
+    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        pass  # weights always come from an exported folder
+        """A fresh model (not from a folder) starts as the project's does: N(0, 0.02) weights, unit norms, zero
+        routers; from_pretrained then overwrites what the folder holds."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, 0.02)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, Router):
+            module.weight.normal_(0.0, 0.02)
+            if module.aux_weight is not None:
+                module.aux_weight.normal_(0.0, 0.02)
 
 
 class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
-    """Recursive or expert-choice MoR language model, causal routing, per-site KV cache."""
+    """Recursive or MoR language model (expert- or token-choice, recursion-wise or shared KV), causal routing,
+    per-site KV cache."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
