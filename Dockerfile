@@ -1,7 +1,7 @@
 # mor-dist image for the KubeRay manifests in k8s/: CUDA PyTorch, Ray, megatron-core, Transformer Engine,
 # and this repository (jobs/, configs/, mor_dist/) at /workspace/mor-dist, the Ray containers' workingDir.
 #
-#   docker build -t registry.example.com/ml/mor-dist:0.1.0-ray2.60.0 .
+#   docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t registry.example.com/ml/mor-dist:0.1.0-ray2.60.0 .
 #   docker push registry.example.com/ml/mor-dist:0.1.0-ray2.60.0
 #
 # The tag's "-ray<version>" must equal RAY_VERSION here and rayVersion in k8s/base (tests/test_k8s.py checks
@@ -27,6 +27,9 @@ RUN pip install "ray[default,train]==${RAY_VERSION}" ninja pybind11 && \
 
 WORKDIR /workspace/mor-dist
 COPY . .
+# .git stays out of the image (.dockerignore): the commit is recorded here, and MLflow runs show it.
+ARG GIT_COMMIT=unknown
+ENV MOR_DIST_GIT_COMMIT=${GIT_COMMIT}
 # Editable, so that mor_dist's REPO_ROOT is this directory (configs/, k8s/) in every Ray process.
 # The extra that matches TE_CORE, so pip keeps the Transformer Engine core built above.
 RUN extra=$([ "${TE_CORE}" = core_cu13 ] && echo gpu-cu13 || echo gpu) && \

@@ -120,6 +120,7 @@ class TrackingConfig:
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite under run.storage_path
     experiment: str = "mor-dist"
     enabled: bool = True
+    system_metrics_interval: float = 10.0  # seconds between samples of each node's CPU/GPU/memory; 0: off
 
 
 @dataclass
@@ -457,6 +458,8 @@ def validate(cfg: JobConfig) -> None:
              "dataset name can have; check the value")
     _require(cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {cfg.run.keep_checkpoints}")
     _require(cfg.run.max_failures >= 0, f"run.max_failures must be >= 0, got {cfg.run.max_failures}")
+    _require(cfg.tracking.system_metrics_interval >= 0, "tracking.system_metrics_interval must be >= 0 seconds (0 "
+             f"turns system metrics off), got {cfg.tracking.system_metrics_interval}")
 
 
 # Keys that change the model's parameters (their names or shapes): a checkpoint only loads into the same.

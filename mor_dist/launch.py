@@ -4,6 +4,7 @@ JobConfig / FailureConfig."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from mor_dist.config import JobConfig
+from mor_dist.console import WORKER_SETUP_HOOK, phase, quiet_ray_driver
 from mor_dist.errors import ConfigError
 from mor_dist.resume import RunComplete, choose_start, start_fresh
 from mor_dist.storage import check_room, check_writable
@@ -105,7 +107,8 @@ def connect_ray(resources: Optional[dict[str, float]] = None) -> dict[str, float
 
     if not ray.is_initialized():
         os.environ.update({k: v for k, v in WORKER_ENV.items() if k.startswith("RAY_")})
-        env = {"env_vars": {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k.startswith("MOR_DIST_")}}}
+        env = {"env_vars": {**WORKER_ENV, **{k: v for k, v in os.environ.items() if k.startswith("MOR_DIST_")}},
+               "worker_process_setup_hook": WORKER_SETUP_HOOK}
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
         else:
@@ -131,31 +134,42 @@ def _forget_previous_launch(run_dir: Path) -> None:
 
 def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool = False) -> LaunchResult:
     """Check storage and cluster, pick the start, prepare data on the driver, run the workers."""
+    phase(f"run '{cfg.run.name}': checking storage, cluster and layout")
+    remote = bool(os.environ.get("RAY_ADDRESS"))
+    quiet_ray_driver(local=not remote)
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mor_dist.data import prepare_data
     from mor_dist.supervise import Supervisor
-    from mor_dist.tracking.metadata import parameter_count
-    from mor_dist.tracking.tracker import tag_checkpoint, tracking_uri
+    from mor_dist.tracking.experiment import prepare_experiment, tracking_uri
+    from mor_dist.tracking.metadata import parameter_count, source_tags
+    from mor_dist.tracking.tracker import tag_checkpoint
 
     storage, run_dir = run_paths(cfg)
     check_writable(storage)
-    remote = bool(os.environ.get("RAY_ADDRESS"))
+    if remote:
+        phase(f"joining the Ray cluster at {os.environ['RAY_ADDRESS']}")
     resources = connect_ray() if remote else local_resources(cfg)  # joining a cluster is cheap; starting one is not
     on_cuda = wants_gpu(cfg, resources.get("GPU", 0))
     check_fits(cfg, resources, on_cuda)
     start = choose_start(cfg, run_dir, resume_from, start_over)
     if start.checkpoint is not None:
-        print(f"resuming from {start.checkpoint} (step {start.step})", flush=True)
+        phase(f"resuming from {start.checkpoint} (step {start.step})")
+    phase(f"preparing data: data.dataset={cfg.data.dataset}, tokenizer {cfg.data.tokenizer}")
     prepared = prepare_data(cfg, storage / "cache")  # bad data fails here, before any worker
+    phase(prepared.describe())
     vocab = vocab_for(cfg, prepared.vocab_size, start.saved)
-    print(check_room(cfg, storage, parameter_count(cfg, vocab)), flush=True)
+    phase(check_room(cfg, storage, parameter_count(cfg, vocab)))
     if start.checkpoint is None:
         start_fresh(cfg, run_dir)
     else:
         prune(run_dir, cfg.run.keep_checkpoints, [start.checkpoint])  # partial ones older than a whole one
+    if cfg.tracking.enabled:
+        phase(f"MLflow: experiment '{cfg.tracking.experiment}' at {tracking_uri(cfg, run_dir)}")
+        prepare_experiment(cfg, run_dir)
     if not remote:
+        phase(f"starting Ray: a local cluster with {int(resources['CPU'])} CPUs")
         connect_ray(resources)
     run_dir.mkdir(parents=True, exist_ok=True)
     _forget_previous_launch(run_dir)
@@ -163,6 +177,8 @@ def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool 
     payload = {
         "config": cfg.to_dict(),
         "data_dir": str(prepared.directory),
+        "dataset": prepared.manifest,
+        "tags": source_tags(sys.argv[0]),
         "vocab_size": vocab,
         "run_dir": str(run_dir),
         "on_cuda": on_cuda,
@@ -189,6 +205,9 @@ def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool 
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # per-report INFO stays in log files
         ),
     )
+    p = cfg.parallel
+    phase(f"starting {cfg.world_size} {'GPU' if on_cuda else 'CPU'} worker(s) (tp{p.tp} pp{p.pp} dp{p.dp}); each "
+          "builds its part of the model")
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:

@@ -102,8 +102,8 @@ def start_fresh(cfg: JobConfig, run_dir: Path) -> None:
     """Before step 0: move a previous attempt's outputs aside and rename its MLflow run, so nothing is overwritten."""
     import warnings
 
+    from mor_dist.tracking.experiment import TrackingWarning, tracking_uri  # MLflow only when a run starts over
     from mor_dist.tracking.lineage import retire_runs_named
-    from mor_dist.tracking.tracker import TrackingWarning, tracking_uri  # MLflow only when a run starts over
 
     if not has_outputs(run_dir):
         return

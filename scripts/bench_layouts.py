@@ -28,7 +28,7 @@ def main(overrides: list[str]) -> None:
         result = launch(cfg)
         records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
         steady = [r["perf/tokens_per_s"] for r in records[1:]]  # skip the first (warm-up) window
-        rows.append((tp, pp, dp, sum(steady) / len(steady), records[-1]["train/lm_loss"]))
+        rows.append((tp, pp, dp, sum(steady) / len(steady), records[-1]["loss/train_lm"]))
     base = rows[0][3]
     print("| tp | pp | dp | workers | tokens/s | vs (1,1,1) | loss at step 30 |")
     print("|---|---|---|---|---|---|---|")

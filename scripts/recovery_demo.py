@@ -73,9 +73,9 @@ def pretrain(out: Path, name: str, moment: Callable[[Path], bool] | None = None)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    """train/lm_loss by step."""
+    """loss/train_lm by step."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/lm_loss"] for r in records if "train/lm_loss" in r}
+    return {r["step"]: r["loss/train_lm"] for r in records if "loss/train_lm" in r}
 
 
 def interesting(console: str) -> list[str]:

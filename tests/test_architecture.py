@@ -88,3 +88,38 @@ def test_a_reintroduced_cycle_is_found(tmp_path):
     cycle = find_cycle(import_graph(package))
     assert cycle is not None and cycle[0] == cycle[-1]
     assert set(cycle) == {"pkg.errors", "pkg.sub.plan", "pkg.config"}
+
+
+def imported_top_level_modules(package: Path) -> set[str]:
+    """Top-level names of every module the package imports (lazy imports inside functions included) or looks up
+    with `find_spec("name")` to switch a backend on (Transformer Engine: megatron-core imports it)."""
+    names = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "find_spec" and node.args and \
+                    isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                names.add(node.args[0].value.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+    return names
+
+
+def test_every_declared_dependency_is_imported():
+    """Runtime dependencies and the GPU extras: each is imported by mor_dist (no stale declarations)."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r).name for r in [*project["dependencies"], *project["optional-dependencies"]["gpu"]]]
+    modules_of: dict[str, set[str]] = {}
+    for module, dists in importlib.metadata.packages_distributions().items():
+        for dist in dists:
+            modules_of.setdefault(dist.lower().replace("_", "-"), set()).add(module)
+    modules_of.update({"transformer-engine": {"transformer_engine"}, "nvidia-ml-py": {"pynvml"}})  # GPU only
+    imported = imported_top_level_modules(PACKAGE)
+    unused = [name for name in declared if not modules_of[name.lower().replace("_", "-")] & imported]
+    assert len(declared) > 10 and unused == [], f"declared but never imported: {unused}"

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -148,13 +149,13 @@ def reference_losses(prepared, tmp_path_factory) -> dict[int, float]:
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:
-    """train/lm_loss by step from a run's metrics.jsonl, checking there is one value per step."""
+    """loss/train_lm by step from a run's metrics.jsonl, checking there is one value per step."""
     logged: dict[int, float] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
-        if "train/lm_loss" in record:
+        if "loss/train_lm" in record:
             assert record["step"] not in logged  # one value per step despite the replay
-            logged[record["step"]] = record["train/lm_loss"]
+            logged[record["step"]] = record["loss/train_lm"]
     return logged
 
 
@@ -182,6 +183,13 @@ def test_killed_worker_recovers_and_rerun_continues(reference_losses, tmp_path):
     console = first.stdout + first.stderr
     assert "worker rank 1 lost: its process died" in console
     assert "restarting the workers from step 3 (restart 1 of run.max_failures=1)" in console
+    phases = ["checking storage, cluster and layout", "preparing data: data.dataset=bundled", "MLflow: experiment",
+              "starting Ray: a local cluster", "starting 2 CPU worker(s) (tp2 pp1 dp1)", "training steps 1-8"]
+    assert [first.stdout.find(p) >= 0 for p in phases] == [True] * len(phases), first.stdout[:3000]
+    assert sorted(phases, key=first.stdout.find) == phases  # in the order they happen
+    for routine in ("PreemptionWatcher", "Token authentication is enabled", "Megatron-FSDP", "Rerun State Machine",
+                    "RerunStateMachine", "GetTimeoutError", "Generating train split"):
+        assert routine not in console, routine
     run_dir = tmp_path / "runs" / "recover"
     assert local_copies(run_dir) == []
     again = pretrain(*common, "train.steps=10")
@@ -196,8 +204,14 @@ def test_killed_worker_recovers_and_rerun_continues(reference_losses, tmp_path):
     from mlflow import MlflowClient  # the MLflow run points at the final checkpoint, which export accepts
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (experiment,) = client.search_experiments()  # no stray "Default" beside it
+    assert experiment.name == "mor-dist" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.tags["checkpoint.step"] == "10"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["mlflow.source.git.commit"] == head and run.data.tags["mlflow.source.name"] == "jobs/pretrain.py"
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["bundled"]
+    assert f"system/{socket.gethostname()}/cpu_utilization_percentage" in run.data.metrics
     assert verify(Path(run.data.tags["checkpoint.path"])) is None
 
 
@@ -241,4 +255,4 @@ def test_a_kill_while_checkpointing_then_resume_from_an_older_checkpoint(referen
     current = names.pop("ckill")
     (replaced,) = names.values()
     assert current.data.tags["mor_dist.fork_step"] == "2" and replaced.info.run_name.startswith("ckill (replaced ")
-    assert sorted(m.step for m in client.get_metric_history(current.info.run_id, "train/lm_loss")) == list(range(1, 9))
+    assert sorted(m.step for m in client.get_metric_history(current.info.run_id, "loss/train_lm")) == list(range(1, 9))

@@ -398,6 +398,9 @@ def test_dockerfile_matches_manifests() -> None:
     assert '-e ".[${extra}]"' in text and "ray[default,train]==${RAY_VERSION}" in text
     extras = re.findall(r"^(gpu[\w-]*) = ", (REPO / "pyproject.toml").read_text(), re.M)
     assert sorted(re.findall(r"echo (gpu[\w-]*)", text)) == sorted(extras) == ["gpu", "gpu-cu13"]
+    from mor_dist.tracking.metadata import GIT_COMMIT_ENV  # the image has no .git: it records its commit
+
+    assert f"ENV {GIT_COMMIT_ENV}=${{GIT_COMMIT}}" in text and "ARG GIT_COMMIT" in text
     for target in TARGETS:
         for at, spec in cluster_specs(rendered(target)):
             assert spec["rayVersion"] == ray_version, at

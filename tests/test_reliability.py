@@ -102,7 +102,7 @@ def test_a_run_with_only_unusable_checkpoints_stops_and_start_over_moves_it_asid
     damaged = fake_checkpoint(run / "checkpoint_a", 3, 1000.0)
     corrupt(damaged)
     partial = fake_checkpoint(run / "checkpoint_b", 6, 1001.0, finished=1)
-    (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n')
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss/train": 9.0}\n')
     cfg = load_config(None, CPU_ONLY + ["run.name=r", f"run.storage_path={tmp_path}", "tracking.enabled=true"])
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     old = client.create_run(client.create_experiment("mor-dist", (tmp_path / "art").as_uri()), run_name="r")

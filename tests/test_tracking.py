@@ -20,9 +20,10 @@ from mlflow import MlflowClient
 from mor_dist.config import REPO_ROOT, JobConfig, load_config
 from mor_dist.data import padded_vocab_size, prepare_data
 from mor_dist.tracking.compare import find_runs
-from mor_dist.tracking.metadata import metric_name
-from mor_dist.tracking.perf import peak_flops
-from mor_dist.tracking.tracker import TrackingWarning
+from mor_dist.console import DropCleanerStopTimeout
+from mor_dist.tracking.experiment import TrackingWarning
+from mor_dist.tracking.metadata import metric_name, source_tags
+from mor_dist.tracking.perf import device_peak, vendor_peak
 from mor_dist.tracking.validation import depth_metrics
 from mor_dist.train.loop import Hooks, train
 
@@ -58,7 +59,7 @@ class Runner:
         run_dir = self.root / cfg.run.name
         train(cfg, prepared.directory, padded_vocab_size(prepared.vocab_size), run_dir, False,
               Hooks(0, report, lambda step: Path(tempfile.mkdtemp(prefix=f"ckpt-{step}-", dir=self.root)),
-                    resume, launch))
+                    resume, launch, 0, source_tags("tests/test_tracking.py"), prepared.manifest))
         return run_dir
 
 
@@ -70,16 +71,18 @@ def runner(tmp_path_factory, world):
 
 
 @pytest.fixture(scope="module")
-def client(runner) -> MlflowClient:
-    return MlflowClient(tracking_uri=f"sqlite:///{runner.root / 'mlflow.db'}")
+def tiny_run(runner):
+    """Six steps, logged every two, validation and checkpoint at the end, default (sqlite) store (created here)."""
+    runner(runner.config("tiny", "train.steps=6", "train.log_interval=2", "tracking.experiment=tiny"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{runner.root / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    return run
 
 
 @pytest.fixture(scope="module")
-def tiny_run(runner, client):
-    """Six steps, logged every two, validation and checkpoint at the end, default (sqlite) store."""
-    runner(runner.config("tiny", "train.steps=6", "train.log_interval=2", "tracking.experiment=tiny"))
-    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
-    return run
+def client(runner, tiny_run) -> MlflowClient:
+    """The module's store, once the first run has created it (opening a new sqlite file creates it)."""
+    return MlflowClient(tracking_uri=f"sqlite:///{runner.root / 'mlflow.db'}")
 
 
 @pytest.fixture(scope="module")
@@ -110,21 +113,21 @@ def test_tiny_run_logs_params_tags_metrics_and_artifacts(tiny_run, client, runne
                                  "precision", "host_count")} == {
         "model_kind": "mor", "routing": "expert_choice", "num_recursions": "3", "sharing": "middle_cycle",
         "parallel_layout": "tp1-pp1-dp1", "precision": "fp32", "host_count": "1"}
-    assert tags["git_commit"]
     run_id = run.info.run_id
-    for key in ("train/loss", "train/lm_loss", "train/lr", "train/grad_norm", "train/tokens", "perf/tokens_per_s",
-                "perf/mfu", "perf/peak_mem_gib", "router/r1/mean_weight", "router/r3/selected_frac",
+    for key in ("loss/train", "loss/train_lm", "train/lr", "train/grad_norm", "train/tokens", "perf/tokens_per_s",
+                "perf/mfu_measured_peak", "perf/peak_mem_gib", "router/r1/mean_weight", "router/r3/selected_frac",
                 "router/r2/rule_agreement", "router/r2/bce_loss"):
         assert steps(client, run_id, key) == [2, 4, 6], key
-    for key in ("val/loss", "val/ppl", "router/val/dead_token_ratio", "router/val/depth1_reached",
-                "router/val/depth3_reached", "router/val/mean_depth", "val/causal_loss", "val/routing_gap"):
+    for key in ("loss/val", "val/ppl", "router/val/dead_token_ratio", "router/val/depth1_reached",
+                "router/val/depth3_reached", "router/val/mean_depth", "loss/val_causal", "val/routing_gap"):
         assert steps(client, run_id, key) == [6], key
-    gap = run.data.metrics["val/causal_loss"] - run.data.metrics["val/loss"]
+    gap = run.data.metrics["loss/val_causal"] - run.data.metrics["loss/val"]
     assert run.data.metrics["val/routing_gap"] == pytest.approx(gap) and gap != 0.0  # two rules, two passes
     metrics = run.data.metrics
-    assert 0.0 < metrics["perf/mfu"] < 1.0
+    assert 0.0 < metrics["perf/mfu_measured_peak"] < 1.0 and "perf/mfu" not in metrics  # no vendor peak on a CPU
+    assert tags["mfu.peak_source"] == "measured: fp32 matmul on this CPU" and float(tags["mfu.peak_tflops_per_device"]) > 0
     assert metrics["router/val/depth1_reached"] == 1.0 and 0 < metrics["router/val/depth3_reached"] < 1
-    assert metrics["val/ppl"] == pytest.approx(torch.tensor(metrics["val/loss"]).exp().item(), rel=1e-4)
+    assert metrics["val/ppl"] == pytest.approx(torch.tensor(metrics["loss/val"]).exp().item(), rel=1e-4)
     assert {a.path for a in client.list_artifacts(run_id)} >= {"config.yaml", "validation"}
     files = {Path(a.path).name: a.file_size for a in client.list_artifacts(run_id, "validation/step_000006")}
     assert files.keys() == {"depth_distribution.png", "depth_tokens.md"} and min(files.values()) > 1000
@@ -132,7 +135,7 @@ def test_tiny_run_logs_params_tags_metrics_and_artifacts(tiny_run, client, runne
                                            str(runner.root / "download"))).read_text()
     assert "| position | token | depth |" in table and "mean depth" in table
     local = [json.loads(line) for line in (runner.root / "tiny" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in local if "train/loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in local if "loss/train" in r] == [2, 4, 6]
 
 
 def test_resumed_run_continues_with_one_value_per_step(resumed_run, client):
@@ -140,15 +143,15 @@ def test_resumed_run_continues_with_one_value_per_step(resumed_run, client):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run_id = runs[0].info.run_id
     keys = runs[0].data.metrics.keys()
-    assert {"train/loss", "val/loss", "perf/mfu", "router/val/dead_token_ratio"} <= keys
+    assert {"loss/train", "loss/val", "perf/mfu_measured_peak", "router/val/dead_token_ratio"} <= keys
     for key in keys:
         logged = steps(client, run_id, key)
         assert len(logged) == len(set(logged)), (key, logged)
-    assert steps(client, run_id, "train/loss") == list(range(1, 9))
-    assert steps(client, run_id, "val/loss") == [4, 8]
+    assert steps(client, run_id, "loss/train") == list(range(1, 9))
+    assert steps(client, run_id, "loss/val") == [4, 8]
     local = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     counts = Counter((key, r["step"]) for r in local for key in r if key != "step")
-    assert max(counts.values()) == 1 and counts[("train/loss", 5)] == 1
+    assert max(counts.values()) == 1 and counts[("loss/train", 5)] == 1
 
 
 def test_a_new_run_from_another_runs_checkpoint_gets_its_own_mlflow_run(resumed_run, runner, client):
@@ -160,8 +163,8 @@ def test_a_new_run_from_another_runs_checkpoint_gets_its_own_mlflow_run(resumed_
     by_name = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("resumed").experiment_id])}
     assert set(by_name) == {"resumed", "branch"}
     branch = by_name["branch"].info.run_id
-    assert branch != source.info.run_id and steps(client, branch, "train/loss") == [7, 8]
-    assert steps(client, source.info.run_id, "train/loss") == list(range(1, 9))  # the source run is untouched
+    assert branch != source.info.run_id and steps(client, branch, "loss/train") == [7, 8]
+    assert steps(client, source.info.run_id, "loss/train") == list(range(1, 9))  # the source run is untouched
 
 
 def test_a_new_launch_that_resumes_before_the_last_logged_step_replaces_the_later_steps(runner, client):
@@ -204,8 +207,8 @@ def test_unreachable_tracking_server_warns_and_training_finishes(runner, monkeyp
     with pytest.warns(TrackingWarning, match=f"127.0.0.1:{port} is unavailable"):
         run_dir = runner(cfg)
     local = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in local if "train/loss" in r] == [1, 2]
-    assert any("val/loss" in r for r in local)
+    assert [r["step"] for r in local if "loss/train" in r] == [1, 2]
+    assert any("loss/val" in r for r in local)
     assert (run_dir / "validation" / "step_000002" / "depth_distribution.png").stat().st_size > 1000
 
 
@@ -241,11 +244,69 @@ def test_depth_metrics_and_dead_tokens():
     assert out["router/val/mean_depth"] == pytest.approx(14 / 8)
 
 
-def test_metric_names_are_grouped_and_peak_is_cached():
-    assert [metric_name(k) for k in ("loss", "val_loss", "val_ppl", "router/r1/mean_weight", "perf/mfu")] == [
-        "train/loss", "val/loss", "val/ppl", "router/r1/mean_weight", "perf/mfu"]
-    first = peak_flops(False, "fp32")
-    assert first > 1e8 and peak_flops(False, "fp32") == first
+def test_metric_names_put_the_losses_first_and_together():
+    names = [metric_name(k) for k in ("loss", "lm_loss", "val_loss", "val_causal_loss", "val_ppl", "lr",
+                                      "router/r1/mean_weight", "perf/tokens_per_s")]
+    assert names == ["loss/train", "loss/train_lm", "loss/val", "loss/val_causal", "val/ppl", "train/lr",
+                     "router/r1/mean_weight", "perf/tokens_per_s"]
+    sections = sorted({name.split("/")[0] for name in names})  # the MLflow UI sorts its sections by name
+    assert sections[0] == "loss"
+
+
+def test_mfu_divides_by_the_vendor_dense_peak_and_cpus_by_a_measured_one():
+    assert vendor_peak("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4e12)
+    assert vendor_peak("NVIDIA H100 PCIe", "bf16") == pytest.approx(756e12)  # the longer name wins
+    assert vendor_peak("NVIDIA H200", "fp8") == pytest.approx(1978.9e12)
+    assert vendor_peak("NVIDIA A100-SXM4-80GB", "bf16") == pytest.approx(312e12)
+    assert vendor_peak("NVIDIA A100-SXM4-80GB", "fp8") is None  # no FP8 on Ampere
+    assert vendor_peak("NVIDIA GeForce RTX 4090", "bf16") is None
+    cpu = device_peak(False, "fp32")
+    assert cpu is device_peak(False, "fp32") and cpu.flops > 1e8  # measured once per process
+    assert cpu.metric == "perf/mfu_measured_peak" and cpu.mfu(cpu.flops / 1e12, 2) == pytest.approx(0.5)
+
+
+def test_the_tracked_run_shows_in_mlflow_as_model_training_with_source_data_and_system_metrics(tiny_run, client):
+    names = [e.name for e in client.search_experiments()]
+    assert "tiny" in names and "Default" not in names  # no stray "Default" in a store the run created
+    assert client.get_experiment_by_name("tiny").tags["mlflow.experimentKind"] == "custom_model_development"
+    tags = tiny_run.data.tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    assert tags["mlflow.source.git.commit"] == head and len(head) == 40
+    assert tags["mlflow.source.name"] == "tests/test_tracking.py" and tags["mlflow.user"]
+    (data,) = tiny_run.inputs.dataset_inputs
+    assert (data.dataset.name, data.dataset.source_type) == ("bundled", "hugging_face")
+    assert json.loads(data.dataset.source)["path"] == "json" and len(data.dataset.digest) == 16
+    inputs = {t.key: t.value for t in data.tags}
+    assert inputs["mlflow.data.context"] == "training" and int(inputs["train.num_sequences"]) > 0
+    node = socket.gethostname()
+    system = {k for k in tiny_run.data.metrics if k.startswith("system/")}
+    assert {f"system/{node}/cpu_utilization_percentage", f"system/{node}/system_memory_usage_megabytes"} <= system
+    assert "CPUs" in tags[f"system.{node}"]
+
+
+def test_without_a_git_checkout_the_commit_comes_from_the_image(monkeypatch, tmp_path):
+    import mor_dist.tracking.metadata as metadata
+
+    monkeypatch.setattr(metadata, "REPO_ROOT", tmp_path)  # like the image: sources without .git
+    monkeypatch.setenv("MOR_DIST_GIT_COMMIT", "0123abc")
+    assert source_tags("jobs/pretrain.py")["mlflow.source.git.commit"] == "0123abc"
+    monkeypatch.delenv("MOR_DIST_GIT_COMMIT")
+    assert metadata.git_commit() == "unknown"
+
+
+def test_only_the_cleaner_timeout_is_dropped_from_the_controller_log():
+    import logging
+
+    from ray.exceptions import GetTimeoutError
+
+    def record(error: Exception) -> logging.LogRecord:
+        return logging.LogRecord("ray.train", logging.ERROR, __file__, 1, "Failed to stop", (),
+                                 (type(error), error, None))
+
+    keep = DropCleanerStopTimeout()
+    assert not keep.filter(record(GetTimeoutError("timed out")))
+    assert keep.filter(record(RuntimeError("a real failure")))
+    assert keep.filter(logging.LogRecord("ray.train", logging.ERROR, __file__, 1, "no exception", (), None))
 
 
 def test_the_closing_summary_points_at_the_runs_page_on_a_server_and_at_mlflow_ui_for_a_local_store(tmp_path):

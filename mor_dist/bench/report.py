@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch
 
+from mor_dist.tracking.perf import Peak
+
 SECTION = "## Training throughput (`jobs/benchmark.py train`)"
 GPU_MISSING = "No GPU here: CPU figures only; the GPU (H100) figures are missing."
 
@@ -51,15 +53,15 @@ def _version(dist_name: str) -> str:
         return "absent"
 
 
-def environment(on_cuda: bool, peak_tflops: Optional[float] = None) -> str:
-    """Device, measured dense peak (when given) and library versions, on one line."""
+def environment(on_cuda: bool, peak: Optional[Peak] = None) -> str:
+    """Device, the MFU denominator (when given) and library versions, on one line."""
     if on_cuda:
         device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     else:
         device = f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
     parts = [device]
-    if peak_tflops is not None:
-        parts.append(f"measured {'bf16' if on_cuda else 'fp32'} dense matmul peak {peak_tflops:.3g} TFLOP/s")
+    if peak is not None:
+        parts.append(f"MFU peak {peak.flops / 1e12:.4g} TFLOP/s ({peak.source})")
     import megatron.core
 
     parts.append(f"Python {platform.python_version()}, torch {torch.__version__}, megatron-core "

@@ -27,7 +27,7 @@ from mor_dist.config import DEFAULT_CONFIG, JobConfig, load_config, validate
 from mor_dist.errors import ConfigError
 from mor_dist.model.flops import forward_flops_per_token
 from mor_dist.model.mor import build_model
-from mor_dist.tracking.perf import peak_flops
+from mor_dist.tracking.perf import device_peak
 from mor_dist.train.trainable import Trainable
 
 
@@ -78,7 +78,7 @@ def measure(name: str, implementation: str, cfg: JobConfig, build: Callable[[], 
     reset_memory(on_cuda)
     tflops = forward_flops_per_token(cfg, vocab).training * timing.tokens_per_s / 1e12
     return Row(name, implementation, precision_label(cfg), cfg.train.micro_batch_size, cfg.model.seq_length,
-               timing.tokens_per_s, tflops, tflops * 1e12 / peak_flops(on_cuda, cfg.train.precision),
+               timing.tokens_per_s, tflops, device_peak(on_cuda, cfg.train.precision).mfu(tflops, 1),
                timing.peak_mem_gib)
 
 
@@ -129,11 +129,12 @@ def main(argv: list[str]) -> int:
     rows = run(cfgs, args, on_cuda)
     command = "python jobs/benchmark.py train " + " ".join(shlex.quote(a) for a in argv)
     precision = cfgs[0][1].train.precision
-    env = environment(on_cuda, peak_flops(on_cuda, precision) / 1e12)
+    peak = device_peak(on_cuda, precision)
+    env = environment(on_cuda, peak)
     vocabs = sorted({vocab_size(cfg, args, on_cuda) for _, cfg in cfgs})
     notes = [f"{args.warmup} warm-up + {args.steps} timed steps of {args.micro_batches} micro-batch(es) of synthetic "
              f"tokens (vocabulary {', '.join(map(str, vocabs))}); MFU counts executed FLOPs (3x forward) against "
-             "the measured peak above."]
+             "the peak above."]
     if not on_cuda:
         notes.append(GPU_MISSING + " CPU peak memory is the process's resident high-water mark, so memory "
                      "ratios are n/a.")

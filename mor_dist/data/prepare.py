@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from mor_dist.data.streaming import StreamingTrainIterator, validation_rows
 from mor_dist.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
 
 TOKENIZER_FILE = "tokenizer.json"
+PROGRESS_BAR_DOCUMENTS = 100_000  # tokenizing fewer documents takes seconds: a phase line says it, no bar
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,15 @@ class PreparedData:
         """Whether training data is streamed and packed in the workers."""
         return self.manifest["streaming"]
 
+    def describe(self) -> str:
+        """One line: the prepared sizes and where they are cached."""
+        seqs, seq = self.manifest["num_sequences"], self.seq_length
+        if self.streaming:
+            return f"data: streamed; {seqs['validation']:,} validation sequences of {seq} tokens in {self.directory}"
+        tokens = self.manifest["num_tokens"]
+        return (f"data: {seqs['train']:,} training / {seqs['validation']:,} validation sequences of {seq} tokens "
+                f"({tokens['train']:,} / {tokens['validation']:,} tokens) in {self.directory}")
+
     def tokenizer(self) -> Tokenizer:
         """The tokenizer the data was prepared with (from the cache, no network)."""
         content = (self.directory / TOKENIZER_FILE).read_text()
@@ -84,6 +95,19 @@ class PreparedData:
                            num_batches: int) -> list[dict[str, torch.Tensor]]:
         """A fixed list of validation micro-batches for one DP rank (same count on every rank)."""
         return validation_batches(self.sequences("validation"), dp_rank, dp_size, micro_batch_size, num_batches)
+
+
+@contextlib.contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """datasets' progress bars on or off for a block (they are process-wide)."""
+    from datasets import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
+
+    was = is_progress_bar_enabled()
+    (enable_progress_bars if show else disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (enable_progress_bars if was else disable_progress_bars)()
 
 
 def _tokenize(batch: dict[str, list[Any]], tokenizer: Tokenizer, column: str) -> dict[str, list[Any]]:
@@ -124,9 +148,10 @@ def _prepare_packed(cfg: JobConfig, source: Source, dataset: Dataset, tokenizer:
                     staging: Path) -> dict[str, Any]:
     """Tokenize, split by document, pack both splits into staging; returns the manifest's counts."""
     data, row_length = cfg.data, cfg.model.seq_length + 1
-    tokenized = dataset.map(_tokenize, batched=True, batch_size=1000, remove_columns=dataset.column_names,
-                            fn_kwargs={"tokenizer": tokenizer, "column": source.text_column},
-                            num_proc=data.num_proc if data.num_proc > 1 else None, desc="tokenizing")
+    with _progress_bars(len(dataset) >= PROGRESS_BAR_DOCUMENTS):
+        tokenized = dataset.map(_tokenize, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+                                fn_kwargs={"tokenizer": tokenizer, "column": source.text_column},
+                                num_proc=data.num_proc if data.num_proc > 1 else None, desc="tokenizing")
     lengths = np.asarray(tokenized.data.column("length").to_numpy(), dtype=np.int64)
     nonempty = np.flatnonzero(lengths)
     if len(nonempty) == 0:
@@ -174,7 +199,8 @@ def prepare_data(cfg: JobConfig, cache_dir: str | Path) -> PreparedData:
     if data.streaming:
         source.check_stream()
     else:
-        dataset = source.load()
+        with _progress_bars(False):  # reading local files into datasets' cache: seconds, and a bar per file
+            dataset = source.load()
     identity = {
         "format": FORMAT, "source": source.to_dict(), "fingerprint": source.fingerprint(dataset),
         "tokenizer": hashlib.sha256(tokenizer.to_json().encode()).hexdigest(), "seq_length": cfg.model.seq_length,

@@ -116,11 +116,10 @@ def record(evaluation: Evaluation, source: Path, tasks: list[str]) -> str:
     """Log to the checkpoint's training run in MLflow, or to a new run of experiment mor-dist-eval; returns
     "run <id> at <uri>"."""
     import mlflow
-    from mlflow import MlflowClient
 
     from mor_dist.catalog import read_manifest
     from mor_dist.config import config_from_dict
-    from mor_dist.tracking.tracker import artifact_location, tracking_uri
+    from mor_dist.tracking.experiment import ensure_experiment, open_store, tracking_uri
 
     checkpoint = evaluation.checkpoint
     manifest = read_manifest(checkpoint) if checkpoint is not None else {}
@@ -130,11 +129,9 @@ def record(evaluation: Evaluation, source: Path, tasks: list[str]) -> str:
         uri = tracking_uri(config_from_dict(manifest["config"]), run_dir)
     else:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.parent / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
+    client = open_store(uri)
     if run_id is None:
-        experiment = client.get_experiment_by_name("mor-dist-eval")
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-            "mor-dist-eval", artifact_location=artifact_location(uri, run_dir))
+        experiment_id = ensure_experiment(client, "mor-dist-eval", uri, run_dir)
         run_id = client.create_run(experiment_id, run_name=f"eval-{source.name}",
                                    tags={"source": str(source.resolve())}).info.run_id
         client.set_terminated(run_id)

@@ -141,8 +141,16 @@ class SourceShape:
 
 
 def _gguf_config(path: Path) -> dict[str, Any]:
+    """The config transformers derives from a GGUF header, once gguf has read the whole file's layout (a truncated
+    download or another format is refused here, before a minute of conversion)."""
+    import gguf
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    try:
+        gguf.GGUFReader(str(path))
+    except ValueError as err:  # bad magic, tensors past the end of the file
+        raise ConfigError(f"model.init_from={str(path)!r} is not a whole GGUF file ({err}); download it again or "
+                          "point model.init_from at another file") from err
     return dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])
 
 

@@ -13,6 +13,11 @@ from matplotlib.figure import Figure
 
 from mor_dist.errors import ConfigError
 from mor_dist.tracking.lineage import REPLACED
+from mor_dist.tracking.metadata import TRAIN_LOSS, VAL_LOSS
+from mor_dist.tracking.perf import MFU_MEASURED, MFU_VENDOR
+
+# Runs tracked before the losses moved under loss/ (their stores still hold them).
+EARLIER_NAMES = {TRAIN_LOSS: "train/loss", VAL_LOSS: "val/loss"}
 
 DEFAULT_URI = "sqlite:///runs/mlflow.db"  # training's default store with run.storage_path=runs
 
@@ -34,6 +39,7 @@ class RunSummary:
     best_val_loss: Optional[float]
     tokens_per_s: Optional[float]
     mfu: Optional[float]
+    mfu_measured: bool  # against a timed matmul (CPUs), not a vendor peak
     peak_mem_gib: Optional[float]
     mean_depth: Optional[float]  # at the last validation (top-k routing)
     evals: dict[str, float]  # jobs/evaluate.py results, `<task>/<metric>`: latest value
@@ -52,8 +58,11 @@ def find_runs(client: Any, experiment: Optional[str], run_ids: list[str], filter
 
 
 def history(client: Any, run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) of one metric, by step."""
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+    """(step, value) of one metric, by step (under its earlier name for older runs)."""
+    found = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+    if not found and key in EARLIER_NAMES:
+        return history(client, run_id, EARLIER_NAMES[key])
+    return found
 
 
 def model_label(tags: dict[str, str]) -> str:
@@ -68,9 +77,11 @@ def model_label(tags: dict[str, str]) -> str:
 def summarize_run(client: Any, run: Any) -> RunSummary:
     """Table row: final/best validation loss, median tokens/s and MFU, maximum peak memory."""
     run_id = run.info.run_id
-    val = [v for _, v in history(client, run_id, "val/loss")]
+    val = [v for _, v in history(client, run_id, VAL_LOSS)]
     speed = [v for _, v in history(client, run_id, "perf/tokens_per_s")]
-    mfu = [v for _, v in history(client, run_id, "perf/mfu")]
+    mfu = [v for _, v in history(client, run_id, MFU_VENDOR)]
+    measured = not mfu
+    mfu = mfu or [v for _, v in history(client, run_id, MFU_MEASURED)]
     memory = [v for _, v in history(client, run_id, "perf/peak_mem_gib")]
     depth = [v for _, v in history(client, run_id, "router/val/mean_depth")]
     params = run.data.params.get("derived.num_parameters")
@@ -83,6 +94,7 @@ def summarize_run(client: Any, run: Any) -> RunSummary:
         best_val_loss=min(val) if val else None,
         tokens_per_s=statistics.median(speed) if speed else None,
         mfu=statistics.median(mfu) if mfu else None,
+        mfu_measured=measured and bool(mfu),
         peak_mem_gib=max(memory) if memory else None,
         mean_depth=depth[-1] if depth else None,
         evals={key.removeprefix("eval/"): value for key, value in run.data.metrics.items() if key.startswith("eval/")},
@@ -100,12 +112,14 @@ def format_table(rows: list[RunSummary]) -> str:
               "peak mem GiB", *evals]
     body = [[r.name, r.run_id[:8], r.model, _fmt(r.params, ".2f", 1e-6, "M"), _fmt(r.final_val_loss, ".4f"),
              _fmt(r.best_val_loss, ".4f"), _fmt(r.mean_depth, ".2f"), _fmt(r.tokens_per_s, ",.0f"),
-             _fmt(r.mfu, ".1f", 100, "%"), _fmt(r.peak_mem_gib, ".2f"), *(_fmt(r.evals.get(k), ".4g") for k in evals)]
+             _fmt(r.mfu, ".1f", 100, "%*" if r.mfu_measured else "%"), _fmt(r.peak_mem_gib, ".2f"), *(_fmt(r.evals.get(k), ".4g") for k in evals)]
             for r in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
              for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(r.mfu_measured for r in rows):
+        lines.append("* MFU against a timed matmul on the device (no vendor peak: CPUs, GPUs not in the table)")
     return "\n".join(lines)
 
 
@@ -125,8 +139,8 @@ def plot_loss(client: Any, runs: list[Any], path: Path) -> None:
         run_id, color = run.info.run_id, f"C{i % 10}"
         tokens = dict(history(client, run_id, "train/tokens"))
         label = f"{run.info.run_name or run_id[:8]} ({model_label(run.data.tags)})"
-        train = [(tokens[s], v) for s, v in history(client, run_id, "train/loss") if s in tokens]
-        val = [(tokens[s], v) for s, v in history(client, run_id, "val/loss") if s in tokens]
+        train = [(tokens[s], v) for s, v in history(client, run_id, TRAIN_LOSS) if s in tokens]
+        val = [(tokens[s], v) for s, v in history(client, run_id, VAL_LOSS) if s in tokens]
         flops = training_flops_per_token(run)
         for ax, scale in ((by_tokens, 1.0), (by_flops, flops)):
             if scale is None:

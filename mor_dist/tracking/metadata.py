@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 from typing import Any
 
 import torch.distributed as dist
@@ -14,10 +16,20 @@ from mor_dist.model.flops import budget_flops_per_token, forward_flops_per_token
 PARAM_VALUE_LIMIT = 500
 
 
+# The loss curves share one section, which the MLflow UI lists first (sections sort by name), so training and
+# validation loss sit side by side and can be drawn in one chart.
+TRAIN_LOSS, VAL_LOSS = "loss/train", "loss/val"
+LOSS_NAMES = {"loss": TRAIN_LOSS, "lm_loss": "loss/train_lm", "val_loss": VAL_LOSS, "val_causal_loss": "loss/val_causal"}
+GIT_COMMIT_ENV = "MOR_DIST_GIT_COMMIT"  # set where the checkout has no .git (the image records it at build time)
+
+
 def metric_name(key: str) -> str:
-    """`/`-grouped MLflow name: `val_loss` -> `val/loss`, `loss` -> `train/loss`, grouped names unchanged."""
+    """`/`-grouped MLflow name: losses under `loss/`, `val_ppl` -> `val/ppl`, `lr` -> `train/lr`; grouped names
+    unchanged."""
     if "/" in key:
         return key
+    if key in LOSS_NAMES:
+        return LOSS_NAMES[key]
     if key.startswith("val_"):
         return f"val/{key[4:]}"
     return f"train/{key}"
@@ -48,13 +60,32 @@ def run_params(cfg: JobConfig, vocab_size: int) -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """Short commit of the checkout, or `unknown` (e.g. a Ray working_dir copy without .git)."""
+    """Commit of the checkout, else MOR_DIST_GIT_COMMIT (the image's, or set for `ray job submit`), else
+    `unknown`."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        commit = out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
+        commit = ""
+    return commit or os.environ.get(GIT_COMMIT_ENV) or "unknown"
+
+
+def source_tags(entry_point: str) -> dict[str, str]:
+    """Who started the run, from what and at which commit, as the MLflow UI shows them (Source, Created by).
+
+    Taken on the driver: workers run in a Ray session copy without .git, under Ray's user.
+    """
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = {k: v for k, v in resolve_tags().items() if k.startswith(("mlflow.user", "mlflow.source."))}
+    commit = git_commit()
+    tags.update({
+        "mlflow.source.name": entry_point,
+        "mlflow.project.entryPoint": os.path.basename(entry_point),
+        "mlflow.source.git.commit": commit,
+        "mor_dist.command": " ".join([entry_point, *sys.argv[1:]])[:PARAM_VALUE_LIMIT],
+    })
+    return tags
 
 
 def run_tags(cfg: JobConfig, hosts: int) -> dict[str, str]:
@@ -68,7 +99,6 @@ def run_tags(cfg: JobConfig, hosts: int) -> dict[str, str]:
         "kv": "shared" if cfg.routing.kv_sharing and cfg.layout.routed else "recursion_wise",
         "parallel_layout": f"tp{p.tp}-pp{p.pp}-dp{p.dp}" + ("-sp" if p.sequence_parallel else ""),
         "precision": f"fp8-{t.fp8_recipe}" if t.precision == "fp8" else t.precision,
-        "git_commit": git_commit(),
         "host_count": str(hosts),
     }
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
@@ -17,7 +16,9 @@ import yaml
 
 from mor_dist.config import JobConfig
 from mor_dist.data import Tokenizer, load_tokenizer
+from mor_dist.tracking.experiment import TrackingWarning, ensure_experiment, open_store, tracking_uri
 from mor_dist.tracking.lineage import FORK_STEP, FORKED_FROM, REPLACED_BY, copy_history, last_steps, retire
+from mor_dist.tracking.dataset import dataset_input
 from mor_dist.tracking.metadata import metric_name, run_params, run_tags
 from mor_dist.tracking.validation import depth_metrics, depth_plot, depth_table
 
@@ -25,27 +26,6 @@ from mor_dist.tracking.validation import depth_metrics, depth_plot, depth_table
 LAUNCH_FILE = "launch"  # the id of the launch that last logged into the run directory
 REPLACED_FILE = "metrics.replaced.jsonl"
 VALIDATION_DIR = "validation"
-
-
-class TrackingWarning(RuntimeWarning):
-    """Tracking is degraded and training goes on (a RuntimeWarning: jobs and workers silence UserWarnings)."""
-
-
-def tracking_uri(cfg: JobConfig, run_dir: Path) -> str:
-    """tracking.uri, else MLFLOW_TRACKING_URI, else a sqlite store beside the run directory."""
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"
-
-
-def artifact_location(uri: str, run_dir: Path) -> Optional[str]:
-    """Where a new experiment keeps artifacts: beside a sqlite store; a server's own default for servers."""
-    if uri.startswith(("http://", "https://", "databricks")):
-        return None
-    root = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else run_dir.parent
-    return (root / "mlflow-artifacts").resolve().as_uri()
 
 
 def _last_local_steps(path: Path) -> dict[str, int]:
@@ -96,8 +76,12 @@ class Tracker:
     """
 
     def __init__(self, cfg: JobConfig, run_dir: Path, run_id: Optional[str], vocab_size: int, hosts: int = 1,
-                 start_step: int = 0, launch: Optional[str] = None) -> None:
+                 start_step: int = 0, launch: Optional[str] = None, tags: Optional[dict[str, str]] = None,
+                 dataset: Optional[dict[str, Any]] = None) -> None:
+        """`tags`: the launch's (source, MFU peak); `dataset`: the prepared data's manifest, logged as the input."""
         self.cfg = cfg
+        self.launch_tags = tags or {}
+        self.dataset = dataset
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.local = run_dir / "metrics.jsonl"
@@ -118,14 +102,12 @@ class Tracker:
             self._degrade(f"MLflow tracking at {self.uri} is unavailable ({type(err).__name__}: {err})")
 
     def _start(self, vocab_size: int, hosts: int) -> Any:
-        from mlflow import MlflowClient
         from mlflow.entities import RunTag
 
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # table creation notes
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        client = MlflowClient(tracking_uri=self.uri)
-        tags = run_tags(self.cfg, hosts)
+        client = open_store(self.uri)
+        tags = {**self.launch_tags, **run_tags(self.cfg, hosts)}
         if self.run_id is None:
             self.run_id = self._create(client, tags, vocab_size)
             return client
@@ -141,7 +123,9 @@ class Tracker:
             self._last = {k: min(v, self.start_step) for k, v in last.items()}
             return client
         client.update_run(self.run_id, status="RUNNING")
-        client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])  # layout may change
+        # The layout and hardware may change; who started the run and from which commit stays the first launch's.
+        changing = {k: v for k, v in tags.items() if not k.startswith(("mlflow.", "mor_dist.command"))}
+        client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in changing.items()])
         self._last = last
         return client
 
@@ -149,10 +133,13 @@ class Tracker:
         """A new MLflow run with the config's params, the config file and the validation artifacts kept so far."""
         from mlflow.entities import Param
 
-        run_id = client.create_run(self._experiment_id(client), run_name=self.cfg.run.name, tags=tags).info.run_id
+        experiment_id = ensure_experiment(client, self.cfg.tracking.experiment, self.uri, self.run_dir)
+        run_id = client.create_run(experiment_id, run_name=self.cfg.run.name, tags=tags).info.run_id
         params = [Param(k, v) for k, v in run_params(self.cfg, vocab_size).items()]
         for i in range(0, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100])
+        if self.dataset is not None:
+            client.log_inputs(run_id, datasets=[dataset_input(self.dataset)])
         config_file = self.run_dir / "config.yaml"
         config_file.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         client.log_artifact(run_id, str(config_file))
@@ -160,18 +147,6 @@ class Tracker:
             if int(folder.name.removeprefix("step_")) <= self.start_step:
                 client.log_artifacts(run_id, str(folder), f"{VALIDATION_DIR}/{folder.name}")
         return run_id
-
-    def _experiment_id(self, client: Any) -> str:
-        from mlflow.exceptions import MlflowException
-
-        name = self.cfg.tracking.experiment
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location(self.uri, self.run_dir))
-        except MlflowException:  # created concurrently by another run
-            return client.get_experiment_by_name(name).experiment_id
 
     def _degrade(self, reason: str) -> None:
         warnings.warn(f"{reason}; training goes on, metrics are kept in {self.local}", TrackingWarning, stacklevel=3)

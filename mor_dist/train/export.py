@@ -54,7 +54,8 @@ def export(checkpoint: Path, out_file: Path) -> dict[str, Any]:
 
 def _record(checkpoint: Path, cfg: JobConfig, extra: dict[str, Any], out: Path, info: dict[str, Any]) -> None:
     """Tag the training run's MLflow run with the export, when the run was tracked."""
-    from mor_dist.tracking.tracker import tag_export, tracking_uri
+    from mor_dist.tracking.experiment import tracking_uri
+    from mor_dist.tracking.tracker import tag_export
 
     if extra.get("run_id") and cfg.tracking.enabled:
         tag_export(tracking_uri(cfg, checkpoint.resolve().parent), extra["run_id"], out, info)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import shutil
@@ -20,8 +19,11 @@ from megatron.core import parallel_state
 from mor_dist.config import JobConfig, config_from_dict
 from mor_dist.data import PreparedData
 from mor_dist.model.flops import forward_flops_per_token
+from mor_dist.console import setup_worker_process
+from mor_dist.tracking.experiment import tracking_uri
 from mor_dist.tracking.metadata import host_count
-from mor_dist.tracking.perf import mfu
+from mor_dist.tracking.perf import device_peak
+from mor_dist.tracking.system import start_node_monitor
 from mor_dist.tracking.tracker import Tracker
 from mor_dist.catalog import newest_whole, prune
 from mor_dist.train.checkpoint import is_disk_full, storage_full, load_checkpoint, save_checkpoint
@@ -55,6 +57,9 @@ class Hooks:
     checkpoint_dir: Callable[[int], Path]
     checkpoint: Optional[Path] = None  # a verified checkpoint directory to resume from
     launch: Optional[str] = None  # the launch's id: checkpoints and the tracker record it
+    local_rank: int = 0  # rank on this node: local rank 0 samples the node's system metrics
+    tags: dict[str, str] = field(default_factory=dict)  # the launch's MLflow tags (source, commit), from the driver
+    dataset: Optional[dict[str, Any]] = None  # the prepared data's manifest, logged as the run's input
 
 
 def peak_memory_gib() -> float:
@@ -147,7 +152,9 @@ def _validate(run: Trainable, val_batches: Any, tracker: Optional[Tracker], step
 def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cuda: bool, hooks: Hooks) -> None:
     """Train `cfg` on this rank until train.steps, reporting and checkpointing through `hooks`."""
     t = cfg.train
+    built = time.perf_counter()
     run = Trainable.build(cfg, vocab_size, on_cuda, pretrained=hooks.checkpoint is None)
+    built = time.perf_counter() - built
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     data = PreparedData.open(data_dir)
     batches = data.train_iterator(dp_rank, dp_size, t.micro_batch_size, t.global_batch_size, t.seed)
@@ -165,8 +172,13 @@ def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
 
     logging_rank = hooks.world_rank == 0
     hosts = host_count()
-    tracker = Tracker(cfg, run_dir, run_id, vocab_size, hosts, step, hooks.launch) if logging_rank else None
+    peak = device_peak(on_cuda, t.precision)
+    tracker = Tracker(cfg, run_dir, run_id, vocab_size, hosts, step, hooks.launch, {**hooks.tags, **peak.tags()},
+                      hooks.dataset) if logging_rank else None
     run_id = _broadcast(tracker.run_id if tracker else None)  # checkpoints' common state must agree
+    monitor = None
+    if hooks.local_rank == 0 and cfg.tracking.enabled:
+        monitor = start_node_monitor(tracking_uri(cfg, run_dir), run_id, cfg.tracking.system_metrics_interval)
     progress = Progress(t.steps, step)
     flops_per_token = forward_flops_per_token(cfg, vocab_size).training
     tokens_per_step = t.global_batch_size * seq
@@ -177,6 +189,9 @@ def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
             tracker.log(start, step)
             print(f"step 0 (model.init_from={cfg.model.init_from}, {cfg.model.init_strategy}): "
                   f"val_loss {start.get('val_loss', float('nan')):.4f}", flush=True)
+    if logging_rank:
+        print(f"training steps {step + 1}-{t.steps} on {cfg.world_size} worker(s) (model built in {built:.1f}s)",
+              flush=True)
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < t.steps:
@@ -195,7 +210,7 @@ def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
             elapsed = time.perf_counter() - window_start
             metrics["perf/tokens_per_s"] = tokens_per_step * window_steps / elapsed
             metrics["perf/tflops_per_s"] = flops_per_token * metrics["perf/tokens_per_s"] / 1e12
-            metrics["perf/mfu"] = mfu(metrics["perf/tflops_per_s"], cfg.world_size, on_cuda, t.precision)
+            metrics[peak.metric] = peak.mfu(metrics["perf/tflops_per_s"], cfg.world_size)
             metrics["perf/peak_mem_gib"] = reduce_means({"m": peak_memory_gib()}, ["m"])["m"]
             metrics["tokens"] = float(step * tokens_per_step)
             if ev:
@@ -213,25 +228,15 @@ def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
             hooks.report({"step": float(step), **metrics}, directory)
             window_start, window_steps = time.perf_counter(), 0
     except BaseException:
+        if monitor is not None:
+            monitor.stop()
         if tracker is not None:
             tracker.finish("FAILED")
         raise
+    if monitor is not None:
+        monitor.stop()
     if tracker is not None:
         tracker.finish()
-
-
-def _quiet_worker_logs() -> None:
-    """Keep megatron's INFO chatter and Ray's per-report lines off the console (the progress line stays).
-
-    Ray 2.60 logs every report at INFO under a logger named by its file path, which the
-    LoggingConfig level does not reach.
-    """
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _start_point(run_dir: Path, payload: dict[str, Any], restarted: bool) -> Optional[str]:
@@ -251,7 +256,7 @@ def ray_worker(payload: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    _quiet_worker_logs()
+    setup_worker_process()  # also the runtime env's setup hook; again here for clusters started without it
     cfg = config_from_dict(payload["config"])
     on_cuda = payload["on_cuda"]
     if on_cuda:
@@ -281,5 +286,6 @@ def ray_worker(payload: dict[str, Any]) -> None:
             raise
 
     hooks = Hooks(context.get_world_rank(), report, lambda step: local_checkpoint_dir(launch, step),
-                  Path(start) if start else None, launch)
+                  Path(start) if start else None, launch, context.get_local_rank(), payload["tags"],
+                  payload["dataset"])
     train(cfg, Path(payload["data_dir"]), payload["vocab_size"], run_dir, on_cuda, hooks)
