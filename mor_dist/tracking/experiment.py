@@ -12,6 +12,7 @@ from mor_dist.config import JobConfig
 # The MLflow UI opens an experiment by this tag: without it, an experiment holding no runs yet opens in GenAI mode.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 DEFAULT_EXPERIMENT_ID = "0"
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"  # the UI's mode switch, as a link's query
 
 
 class TrackingWarning(RuntimeWarning):

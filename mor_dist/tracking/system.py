@@ -32,16 +32,17 @@ def gpus() -> list[str]:
 
 
 class NodeMonitor:
-    """Samples this node every `interval` seconds into `system/<host>/...` of a run, until `stop()`.
+    """Samples this node every `interval` seconds into `system/node_<rank>/...` of a run, until `stop()`.
 
-    Started by one process per host (local rank 0), so every node appears once under its own hostname.
+    Started by one process per host (local rank 0), so every node appears once. `node_<N>` is the id the MLflow UI
+    groups and colours per node; the tag `system.node_<N>` names the host.
     """
 
-    def __init__(self, uri: str, run_id: str, interval: float) -> None:
+    def __init__(self, uri: str, run_id: str, interval: float, node_rank: int) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # start/stop notes at INFO
-        self.node = socket.gethostname()
+        self.node = f"node_{node_rank}"
         self.monitor: Optional[Any] = SystemMetricsMonitor(run_id, sampling_interval=interval, node_id=self.node,
                                                            tracking_uri=uri, resume_logging=True)
         self.monitor.start()
@@ -52,7 +53,8 @@ class NodeMonitor:
         from mlflow import MlflowClient
 
         parts = [f"{psutil.cpu_count()} CPUs", f"{psutil.virtual_memory().total / 2**30:.0f} GiB memory", *gpus()]
-        MlflowClient(tracking_uri=uri).set_tag(run_id, f"system.{self.node}", ", ".join(parts))
+        MlflowClient(tracking_uri=uri).set_tag(run_id, f"system.{self.node}", f"{socket.gethostname()}: "
+                                               + ", ".join(parts))
 
     def stop(self) -> None:
         """Stop sampling and log a last sample: a run shorter than the interval still has one per node."""
@@ -69,12 +71,12 @@ class NodeMonitor:
                           TrackingWarning, stacklevel=2)
 
 
-def start_node_monitor(uri: str, run_id: Optional[str], interval: float) -> Optional[NodeMonitor]:
+def start_node_monitor(uri: str, run_id: Optional[str], interval: float, node_rank: int) -> Optional[NodeMonitor]:
     """A NodeMonitor, or None when turned off (interval 0), without a run, or if MLflow refuses (with a warning)."""
     if interval <= 0 or run_id is None:
         return None
     try:
-        return NodeMonitor(uri, run_id, interval)
+        return NodeMonitor(uri, run_id, interval, node_rank)
     except Exception as err:  # a store this node cannot reach: training goes on
         warnings.warn(f"system metrics of {socket.gethostname()} are not logged to {uri} ({type(err).__name__}: "
                       f"{err})", TrackingWarning, stacklevel=2)

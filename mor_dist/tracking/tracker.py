@@ -16,7 +16,8 @@ import yaml
 
 from mor_dist.config import JobConfig
 from mor_dist.data import Tokenizer, load_tokenizer
-from mor_dist.tracking.experiment import TrackingWarning, ensure_experiment, open_store, tracking_uri
+from mor_dist.tracking.experiment import (MODEL_TRAINING_VIEW, TrackingWarning, ensure_experiment, open_store,
+                                          tracking_uri)
 from mor_dist.tracking.lineage import FORK_STEP, FORKED_FROM, REPLACED_BY, copy_history, last_steps, retire
 from mor_dist.tracking.dataset import dataset_input
 from mor_dist.tracking.metadata import metric_name, run_params, run_tags
@@ -254,4 +255,4 @@ def where_to_look(uri: str, run_id: Optional[str]) -> str:
         experiment = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
     except Exception as err:  # the server went away after training: say so, with what is known
         return f"open {uri} (run {run_id}; the server did not answer: {type(err).__name__})"
-    return f"open {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return f"open {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}?{MODEL_TRAINING_VIEW}"

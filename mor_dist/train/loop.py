@@ -58,6 +58,7 @@ class Hooks:
     checkpoint: Optional[Path] = None  # a verified checkpoint directory to resume from
     launch: Optional[str] = None  # the launch's id: checkpoints and the tracker record it
     local_rank: int = 0  # rank on this node: local rank 0 samples the node's system metrics
+    node_rank: int = 0  # this node's index in the job (its system metrics' node id)
     tags: dict[str, str] = field(default_factory=dict)  # the launch's MLflow tags (source, commit), from the driver
     dataset: Optional[dict[str, Any]] = None  # the prepared data's manifest, logged as the run's input
 
@@ -178,7 +179,8 @@ def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
     run_id = _broadcast(tracker.run_id if tracker else None)  # checkpoints' common state must agree
     monitor = None
     if hooks.local_rank == 0 and cfg.tracking.enabled:
-        monitor = start_node_monitor(tracking_uri(cfg, run_dir), run_id, cfg.tracking.system_metrics_interval)
+        monitor = start_node_monitor(tracking_uri(cfg, run_dir), run_id, cfg.tracking.system_metrics_interval,
+                                     hooks.node_rank)
     progress = Progress(t.steps, step)
     flops_per_token = forward_flops_per_token(cfg, vocab_size).training
     tokens_per_step = t.global_batch_size * seq
@@ -286,6 +288,6 @@ def ray_worker(payload: dict[str, Any]) -> None:
             raise
 
     hooks = Hooks(context.get_world_rank(), report, lambda step: local_checkpoint_dir(launch, step),
-                  Path(start) if start else None, launch, context.get_local_rank(), payload["tags"],
-                  payload["dataset"])
+                  Path(start) if start else None, launch, context.get_local_rank(), context.get_node_rank(),
+                  payload["tags"], payload["dataset"])
     train(cfg, Path(payload["data_dir"]), payload["vocab_size"], run_dir, on_cuda, hooks)
