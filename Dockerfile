@@ -35,3 +35,8 @@ ENV MOR_DIST_GIT_COMMIT=${GIT_COMMIT}
 RUN extra=$([ "${TE_CORE}" = core_cu13 ] && echo gpu-cu13 || echo gpu) && \
     pip install "ray[default,train]==${RAY_VERSION}" -e ".[${extra}]" && \
     python -c "import ray, mor_dist.config; assert ray.__version__ == '${RAY_VERSION}', ray.__version__"
+# Not root: uid 1000 (the manifests' runAsUser), with a home for the caches (~/.cache/mor_dist, Hugging Face).
+RUN (id -u 1000 >/dev/null 2>&1 || useradd --uid 1000 --create-home --shell /bin/bash ray) && \
+    mkdir -p /home/ray && chown -R 1000:1000 /workspace/mor-dist /home/ray
+ENV HOME=/home/ray
+USER 1000

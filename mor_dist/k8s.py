@@ -1,12 +1,8 @@
-"""KubeRay deployment: render k8s/ kustomizations, build the RayJob for a run config, submit and follow it.
+"""KubeRay deployment: render k8s/ kustomizations with kustomize, build the RayJob for a run config, submit and
+follow it.
 
-The renderer implements the subset of kustomize that k8s/ uses, and nothing silently: `resources`
-(files and directories), `patches` made of JSON6902 operations (add, remove, replace) on a `target`
-(group, version, kind, name, namespace, as anchored regular expressions), `images` (name, newName,
-newTag, digest, applied to every `containers`/`initContainers` image) and `sortOptions: {order: fifo}`.
-For such kustomizations its output equals `kubectl kustomize`; anything else raises KustomizeError.
-It is stricter in two places: a patch whose target matches nothing, and a `replace` or `remove` of a
-missing path, are errors (kustomize skips the first and turns `replace` into `add`).
+Rendering is kustomize's own (`kustomize build`, or `kubectl kustomize`, which embeds it), so overlays may use
+anything kustomize accepts: strategic-merge and JSON6902 patches, images, components, generators.
 """
 
 from __future__ import annotations
@@ -14,6 +10,8 @@ from __future__ import annotations
 import copy
 import re
 import shlex
+import shutil
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,186 +28,38 @@ PRETRAIN = ("python", "jobs/pretrain.py")
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 TERMINAL = ("Complete", "Failed", "ValidationFailed")
 MAX_RAYJOB_NAME = 47  # KubeRay rejects longer RayJob names
-KUSTOMIZATION_FIELDS = {"apiVersion", "kind", "resources", "patches", "images", "sortOptions"}
-TARGET_FIELDS = ("group", "version", "kind", "name", "namespace")
-IMAGE_FIELDS = {"name", "newName", "newTag", "digest"}
 
 Doc = dict[str, Any]
 
 
 class KustomizeError(ValueError):
-    """A kustomization uses something this renderer does not implement, or a patch does not apply."""
+    """kustomize is missing or refuses a kustomization; the message says which and why."""
 
 
 class SubmitError(RuntimeError):
     """The cluster refused the RayJob; the message says what to do."""
 
 
-# ---------------------------------------------------------------- kustomize subset
+# ---------------------------------------------------------------- kustomize
+
+
+def kustomize_command() -> list[str]:
+    """`kustomize build` where installed, else `kubectl kustomize` (kubectl embeds kustomize)."""
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    raise KustomizeError("rendering k8s/ needs kustomize: install kubectl (>= 1.27, it embeds kustomize v5) or the "
+                         "kustomize binary, and put it on PATH")
 
 
 def render(directory: str | Path) -> list[Doc]:
-    """Build a kustomization directory like `kubectl kustomize` (fifo order)."""
-    directory = Path(directory)
-    order = _kustomization(directory).get("sortOptions")
-    if order != {"order": "fifo"}:
-        raise KustomizeError(f"{directory}: set `sortOptions: {{order: fifo}}` (the only order implemented), got {order}")
-    return _build(directory)
-
-
-def _kustomization(directory: Path) -> Doc:
-    """Load and check the kustomization file of a directory."""
-    for name in ("kustomization.yaml", "kustomization.yml"):
-        path = directory / name
-        if path.is_file():
-            kust = yaml.safe_load(path.read_text()) or {}
-            unknown = sorted(set(kust) - KUSTOMIZATION_FIELDS)
-            if unknown:
-                raise KustomizeError(f"{path}: fields {unknown} are not implemented; use {sorted(KUSTOMIZATION_FIELDS)}")
-            return kust
-    raise KustomizeError(f"{directory} has no kustomization.yaml")
-
-
-def _build(directory: Path) -> list[Doc]:
-    """Resources of one kustomization with its patches and images applied."""
-    kust = _kustomization(directory)
-    docs: list[Doc] = []
-    for entry in kust.get("resources", []):
-        path = directory / entry
-        loaded = _build(path) if path.is_dir() else _load_docs(path)
-        for doc in loaded:
-            if any(_resource_id(doc) == _resource_id(seen) for seen in docs):
-                raise KustomizeError(f"{directory}: resource {_resource_id(doc)} is listed twice")
-            docs.append(doc)
-    for patch in kust.get("patches", []):
-        _apply_patch(docs, patch, directory)
-    images = kust.get("images", [])
-    for image in images:
-        if set(image) - IMAGE_FIELDS or "name" not in image or {"newTag", "digest"} <= set(image):
-            raise KustomizeError(f"{directory}: image entry {image} needs `name` and newName, newTag or digest (not both)")
-    if images:
-        for doc in docs:
-            _set_images(doc, images)
-    return docs
-
-
-def _load_docs(path: Path) -> list[Doc]:
-    """All YAML documents of a resource file."""
-    if not path.is_file():
-        raise KustomizeError(f"resource {path} does not exist (only local files and directories are implemented)")
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
-
-
-def _resource_id(doc: Doc) -> tuple[str, str, str, str]:
-    """(apiVersion, kind, namespace, name): what kustomize keeps unique."""
-    meta = doc.get("metadata", {})
-    return doc["apiVersion"], doc["kind"], meta.get("namespace", ""), meta["name"]
-
-
-def _apply_patch(docs: list[Doc], entry: Doc, directory: Path) -> None:
-    """Apply one `patches:` entry (JSON6902 operations) to every resource its target selects."""
-    unknown = sorted(set(entry) - {"patch", "path", "target"})
-    target = entry.get("target") or {}
-    if unknown or not target or set(target) - set(TARGET_FIELDS):
-        raise KustomizeError(f"{directory}: patch entries need a target of {TARGET_FIELDS} and patch or path; got {entry}")
-    text = entry["patch"] if "patch" in entry else (directory / entry["path"]).read_text()
-    ops = yaml.safe_load(text)
-    if not isinstance(ops, list):
-        raise KustomizeError(f"{directory}: only JSON6902 patches (a list of operations) are implemented, not strategic merge")
-    selected = [doc for doc in docs if _selected(doc, target)]
-    if not selected:
-        raise KustomizeError(f"{directory}: patch target {target} matches no resource")
-    for doc in selected:
-        json_patch(doc, ops)
-
-
-def _selected(doc: Doc, target: Doc) -> bool:
-    """Whether a resource matches a patch target (each field an anchored regular expression)."""
-    group, _, version = doc["apiVersion"].rpartition("/")
-    meta = doc.get("metadata", {})
-    values = {"group": group, "version": version, "kind": doc["kind"],
-              "name": meta.get("name", ""), "namespace": meta.get("namespace", "")}
-    return all(re.fullmatch(str(target[key]), values[key]) for key in target)
-
-
-def _pointer(path: str) -> list[str]:
-    """RFC 6901 JSON pointer -> unescaped tokens."""
-    if not path.startswith("/"):
-        raise KustomizeError(f"JSON pointer {path!r} must start with '/'")
-    return [token.replace("~1", "/").replace("~0", "~") for token in path[1:].split("/")]
-
-
-def json_patch(doc: Doc, ops: Sequence[Doc]) -> None:
-    """Apply JSON6902 add, remove and replace operations in place."""
-    for op in ops:
-        _apply_op(doc, op)
-
-
-def _apply_op(doc: Doc, op: Doc) -> None:
-    """One JSON6902 add, remove or replace, in place."""
-    kind, path = op.get("op"), op.get("path", "")
-    if kind not in ("add", "remove", "replace"):
-        raise KustomizeError(f"JSON6902 op {kind!r} at {path} is not implemented (add, remove, replace)")
-    *parents, last = _pointer(path)
-    node: Any = doc
-    for token in parents:
-        try:
-            node = node[int(token)] if isinstance(node, list) else node[token]
-        except (KeyError, IndexError, ValueError, TypeError) as err:
-            raise KustomizeError(f"{kind} {path}: {token!r} does not exist in {doc['kind']}/{doc['metadata']['name']}") from err
-    value = copy.deepcopy(op.get("value"))
-    if isinstance(node, list):
-        index = len(node) if (kind == "add" and last == "-") else int(last)
-        if not 0 <= index < len(node) + (kind == "add"):
-            raise KustomizeError(f"{kind} {path}: index {index} is out of range")
-        if kind == "add":
-            node.insert(index, value)
-        elif kind == "replace":
-            node[index] = value
-        else:
-            del node[index]
-        return
-    if kind != "add" and last not in node:
-        raise KustomizeError(f"{kind} {path}: {last!r} does not exist in {doc['kind']}/{doc['metadata']['name']}")
-    if kind == "remove":
-        del node[last]
-    else:
-        node[last] = value
-
-
-def _set_images(node: Any, images: list[Doc]) -> None:
-    """kustomize `images:`: rewrite the image of every container and init container, anywhere."""
-    if isinstance(node, list):
-        for item in node:
-            _set_images(item, images)
-        return
-    if not isinstance(node, dict):
-        return
-    for key, value in node.items():
-        if key in ("containers", "initContainers") and isinstance(value, list):
-            for container in value:
-                if isinstance(container, dict) and isinstance(container.get("image"), str):
-                    container["image"] = _retag(container["image"], images)
-        _set_images(value, images)
-
-
-def _retag(image: str, images: list[Doc]) -> str:
-    """Apply the first matching `images:` entry to one image reference."""
-    name, at, digest = image.partition("@")
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    suffix = at + digest
-    if colon > slash:
-        name, suffix = name[:colon], name[colon:] + suffix
-    for entry in images:
-        if entry["name"] == name:
-            new = entry.get("newName", name)
-            if "digest" in entry:
-                return f"{new}@{entry['digest']}"
-            if "newTag" in entry:
-                return f"{new}:{entry['newTag']}"
-            return new + suffix
-    return image
+    """A kustomization directory's resources, as `kubectl apply -k` would create them."""
+    command = [*kustomize_command(), str(directory)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise KustomizeError(f"`{shlex.join(command)}` failed: {done.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc is not None]
 
 
 def dump_all(docs: Sequence[Doc]) -> str:

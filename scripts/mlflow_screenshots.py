@@ -53,7 +53,7 @@ def mlflow_server(port: int, store: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     log = (store / "server.log").open("a")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                               "--workers", "1", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
                                "--artifacts-destination", str(store / "artifacts")], stdout=log, stderr=log)
     try:
         for _ in range(120):

@@ -309,32 +309,18 @@ def test_only_the_cleaner_timeout_is_dropped_from_the_controller_log():
 
 
 def test_the_closing_summary_points_at_the_runs_page_on_a_server_and_at_mlflow_ui_for_a_local_store(tmp_path):
-    import time
-    import urllib.request
-
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        from mlflow_screenshots import free_port, mlflow_server  # the screenshots' local server, started the same way
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts"))
     from mor_dist.tracking.tracker import where_to_look
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                               "--artifacts-destination", str(tmp_path / "artifacts")],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+    with mlflow_server(free_port(), tmp_path) as uri:
         client = MlflowClient(uri)
         experiment = client.create_experiment("summary")
         run = client.create_run(experiment)
-        assert where_to_look(uri, run.info.run_id) == f"open {uri}/#/experiments/{experiment}/runs/{run.info.run_id}?workflowType=machine_learning"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        page = f"open {uri}/#/experiments/{experiment}/runs/{run.info.run_id}?workflowType=machine_learning"
+        assert where_to_look(uri, run.info.run_id) == page
     local = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert where_to_look(local, "abc") == f"view: mlflow ui --backend-store-uri {local}"
