@@ -84,7 +84,10 @@ class DataConfig:
     text_column: str = "text"
     validation_fraction: float = 0.05
     streaming: bool = False
-    num_proc: int = 1
+    # Streams: documents shuffled in a buffer of this many, reshuffled each epoch; 0 keeps stream order. A
+    # resumed stream refills the buffer (datasets does not save it), so only 0 resumes bit-identically.
+    shuffle_buffer: int = 0
+    num_proc: int = 1  # processes tokenizing on the driver (datasets' map)
 
 
 @dataclass
@@ -456,6 +459,8 @@ def validate(cfg: JobConfig) -> None:
     _require(all(len(part) <= 255 for part in Path(cfg.data.dataset).parts),
              f"data.dataset={cfg.data.dataset[:40]!r}... has a part longer than 255 characters, which no file or hub "
              "dataset name can have; check the value")
+    _require(cfg.data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0 documents, got {cfg.data.shuffle_buffer}")
+    _require(cfg.data.num_proc >= 1, f"data.num_proc must be >= 1, got {cfg.data.num_proc}")
     _require(cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {cfg.run.keep_checkpoints}")
     _require(cfg.run.max_failures >= 0, f"run.max_failures must be >= 0, got {cfg.run.max_failures}")
     _require(cfg.tracking.system_metrics_interval >= 0, "tracking.system_metrics_interval must be >= 0 seconds (0 "

@@ -247,8 +247,13 @@ def test_local_jsonl_parquet_txt_and_directory_load(corpus, tmp_path):
 
 
 def test_streaming_local_jsonl_shards_and_resumes(corpus, tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", marked_docs(corpus, 20, chars=400))
-    cfg = make_cfg(path, seq_length=64, mbs=2, gbs=4, dp=2, streaming=True, validation_fraction=0.3)
+    """Two files are two shards: each of two DP ranks reads only its own; held-out documents (by their text)
+    never reach training; the stream's state_dict resumes mid-pass exactly, without re-reading from the start."""
+    texts = marked_docs(corpus, 24, chars=400)
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "a.jsonl", texts[:12])
+    write_jsonl(tmp_path / "d" / "b.jsonl", texts[12:])
+    cfg = make_cfg(tmp_path / "d", seq_length=64, mbs=2, gbs=4, dp=2, streaming=True, validation_fraction=0.3)
     cfg.train.eval_batches = 1
     prepared = prepare_data(cfg, tmp_path / "cache")
     assert prepared.streaming and len(prepared.validation_batches(1, 2, 2, 5)) == 1
@@ -257,17 +262,38 @@ def test_streaming_local_jsonl_shards_and_resumes(corpus, tokenizer, tmp_path):
     for rank in range(2):
         iterator = prepared.train_iterator(rank, 2, 2, 4)
         assert isinstance(iterator, StreamingTrainIterator) and iterator.micro_batches_per_step == 1
-        batches = take(iterator, 12)  # several passes over the 20 short documents
+        batches = take(iterator, 16)
+        assert iterator.state_dict()["epoch"] >= 1  # more than one pass over the rank's short documents
         assert batches[0]["tokens"].shape == (2, 64)
         assert torch.equal(batches[0]["labels"][:, :-1], batches[0]["tokens"][:, 1:])
         docs.append(markers(tokenizer.decode([t for b in batches for t in b["tokens"].ravel().tolist()])))
-        resumed_from = prepared.train_iterator(rank, 2, 2, 4)
-        take(resumed_from, 7)
-        resumed = prepared.train_iterator(rank, 2, 2, 4)
-        resumed.load_state_dict(json.loads(json.dumps(resumed_from.state_dict())))
-        assert resumed.state_dict()["epoch"] >= 1
-        assert rows_of(take(resumed, 5)) == rows_of(batches[7:])
-    assert docs[0] and docs[1] and docs[0].isdisjoint(docs[1]) and val.isdisjoint(docs[0] | docs[1])
+        epochs = set()
+        for stop in (5, 11):  # a resume in the first pass and one in a later pass
+            resumed_from = prepared.train_iterator(rank, 2, 2, 4)
+            take(resumed_from, stop)
+            state = json.loads(json.dumps(resumed_from.state_dict()))
+            epochs.add(state["epoch"])
+            resumed = prepared.train_iterator(rank, 2, 2, 4)
+            resumed.load_state_dict(state)
+            assert rows_of(take(resumed, 16 - stop)) == rows_of(batches[stop:]), (rank, stop)
+        assert len(epochs) == 2, epochs
+    assert docs[0] <= set(range(12)) and docs[1] <= set(range(12, 24))  # one file each
+    assert docs[0] and docs[1] and val and val.isdisjoint(docs[0] | docs[1])
+
+
+def test_a_shuffle_buffer_reorders_each_epoch_and_keeps_the_documents(corpus, tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", marked_docs(corpus, 30, chars=200))
+    prepared = prepare_data(make_cfg(path, seq_length=64, mbs=1, gbs=1, streaming=True, validation_fraction=0.2),
+                            tmp_path / "cache")
+
+    def order(shuffle_buffer: int, count: int) -> list[int]:
+        batches = take(prepared.train_iterator(0, 1, 1, 1, shuffle_buffer=shuffle_buffer), count)
+        text = tokenizer.decode([t for b in batches for t in b["tokens"].ravel().tolist()])
+        return [int(m) for m in re.findall(r"Document (\d+)\.", text)]
+
+    plain, shuffled = order(0, 20), order(8, 20)
+    assert plain == sorted(plain) and shuffled != sorted(shuffled)
+    assert set(shuffled) <= set(range(30)) and len(set(shuffled)) > 10
 
 
 # ---------------------------------------------------------------- errors name the field

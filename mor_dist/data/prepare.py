@@ -82,13 +82,14 @@ class PreparedData:
         return np.load(self.directory / f"{split}.npy", mmap_mode="r")
 
     def train_iterator(self, dp_rank: int, dp_size: int, micro_batch_size: int, global_batch_size: int,
-                       seed: int | None = None) -> TrainIterator | StreamingTrainIterator:
-        """Endless training micro-batches for one DP rank (seed: default the one the data was prepared with)."""
+                       seed: int | None = None, shuffle_buffer: int = 0) -> TrainIterator | StreamingTrainIterator:
+        """Endless training micro-batches for one DP rank (seed: default the one the data was prepared with;
+        shuffle_buffer: documents a stream shuffles in, 0 for stream order)."""
         seed = self.manifest["seed"] if seed is None else seed
         if self.streaming:
             return StreamingTrainIterator(Source.from_dict(self.manifest["source"]), self.tokenizer(),
                                           self.seq_length, self.manifest["validation_fraction"], seed,
-                                          dp_rank, dp_size, micro_batch_size, global_batch_size)
+                                          dp_rank, dp_size, micro_batch_size, global_batch_size, shuffle_buffer)
         return TrainIterator(self.sequences("train"), seed, dp_rank, dp_size, micro_batch_size, global_batch_size)
 
     def validation_batches(self, dp_rank: int, dp_size: int, micro_batch_size: int,
@@ -208,6 +209,7 @@ def prepare_data(cfg: JobConfig, cache_dir: str | Path) -> PreparedData:
     }
     if data.streaming:
         identity["validation_rows"] = streamed_validation_rows
+        identity["held_out_by"] = "text"  # the seeded hash of a document's text (data/split.py)
     key = cache_key(identity)
     directory = Path(cache_dir) / key
     manifest = read_manifest(directory)

@@ -16,7 +16,8 @@ def split_documents(document_ids: np.ndarray, fraction: float, seed: int) -> tup
     return np.sort(shuffled[num_validation:]), np.sort(shuffled[:num_validation])
 
 
-def is_validation(index: int, fraction: float, seed: int) -> bool:
-    """For streams: document `index` is held out when its seeded hash falls below `fraction`."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+def is_validation(text: str, fraction: float, seed: int) -> bool:
+    """For streams: a document is held out when the seeded hash of its text falls below `fraction`. By content,
+    not position, so the rule holds whatever shard, node or shuffled order a document arrives in."""
+    digest = hashlib.blake2b(f"{seed}:".encode() + text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") < fraction * 2**64

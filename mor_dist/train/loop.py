@@ -158,7 +158,8 @@ def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
     built = time.perf_counter() - built
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     data = PreparedData.open(data_dir)
-    batches = data.train_iterator(dp_rank, dp_size, t.micro_batch_size, t.global_batch_size, t.seed)
+    batches = data.train_iterator(dp_rank, dp_size, t.micro_batch_size, t.global_batch_size, t.seed,
+                                  cfg.data.shuffle_buffer)
     val_batches = data.validation_batches(dp_rank, dp_size, t.micro_batch_size, t.eval_batches)
     seq = cfg.model.seq_length
 
