@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from mor_dist.config import REPO_ROOT, load_config
 from mor_dist.model.flops import forward_flops_per_token
 from mor_dist.parallel.setup import init_single_process, teardown
 
-SMALL = ["--steps", "2", "--warmup", "1", "train.micro_batch_size=2", "model.seq_length=64"]
+SMALL = ["--steps", "2", "--warmup", "1", "--rounds", "3", "train.micro_batch_size=2", "model.seq_length=64"]
 
 
 def table_rows(doc: Path) -> list[list[str]]:
@@ -26,8 +27,10 @@ def table_rows(doc: Path) -> list[list[str]]:
 
 
 def check_sane(cells: list[str]) -> None:
-    tokens_per_s, tflops, mfu = float(cells[4].replace(",", "")), float(cells[5]), float(cells[6].rstrip("%")) / 100
-    assert tokens_per_s > 0 and tflops > 0
+    median, low, high = (float(x.replace(",", "")) for x in re.fullmatch(r"([\d,]+) \(([\d,]+)-([\d,]+)\)",
+                                                                          cells[4]).groups())
+    tflops, mfu = float(cells[5]), float(cells[6].rstrip("%")) / 100
+    assert 0 < low <= median <= high and tflops > 0  # median and range of the rounds
     assert 0 < mfu <= 1
 
 
@@ -40,7 +43,11 @@ def test_train_benchmark_on_cpu_with_and_without_baseline(world, tmp_path, capsy
     assert base[1] == "megatron-core GPTModel" and mor[1] == "mor-dist MoRModel"
     for cells in (base, mor):
         check_sane(cells)
-    assert mor[8].endswith("x") and mor[9] == "n/a"  # tokens/s ratio; CPU memory ratio is not meaningful
+    assert re.fullmatch(r"\d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)", mor[8]) and mor[9] == "n/a"  # CPU memory: not meaningful
+    line = re.search(r"tiny_mor \(.*\) vs vanilla 8 layers \(megatron-core GPTModel\), tokens/s: (\d+\.\d\d)x "
+                     r"\(median, (\d+\.\d\d)-(\d+\.\d\d) over 3 rounds\)", out)
+    assert line and float(line.group(2)) <= float(line.group(1)) <= float(line.group(3))
+    assert mor[8].startswith(line.group(1))  # the table and the summary line agree
 
     assert bench.main(SMALL + ["--append", str(doc)]) == 0
     rows = table_rows(doc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -198,3 +199,6 @@ def test_inference_benchmark_measures_mor_against_vanilla_and_appends(world, tmp
     text = doc.read_text()
     assert text.index("| MoR-2 | vanilla-32 | fixed 4 |") < text.index("## Later")
     assert "jobs/benchmark.py inference --preset tiny" in text and "GPU (H100) figures are missing" in text
+    summary = re.search(r"MoR-2 vs vanilla-32 at batch 4, tokens/s: (\d+\.\d\d)x \(median, (\d+\.\d\d)-(\d+\.\d\d) "
+                        r"over 1 rounds\)", text)
+    assert summary and float(summary.group(1)) == pytest.approx(rows[0]["ratio"], abs=0.006)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from mor_dist.cmdline import command, non_negative_float, non_negative_int, positive_float, positive_int
-from mor_dist.bench.report import GPU_MISSING, append_under, block, environment
+from mor_dist.bench.report import GPU_MISSING, append_under, block, environment, ratio_summary
 from mor_dist.config import REPO_ROOT, JobConfig, load_config
 from mor_dist.inference.engine import Engine
 from mor_dist.inference.generation import build_single
@@ -110,6 +110,7 @@ class Measured:
     block_fill: float  # mean shared-block batch / batch while requests were waiting
     preemptions: int
     peak_blocks: int  # blocks of the paged pool in use at the peak (MoR)
+    speeds: list[float]  # tokens/s of each round
 
 
 def timed(model: MoRModel, reqs: list[Request], batch: int, max_len: int, thresholds: list[float] | None,
@@ -139,7 +140,7 @@ def compare(runs: list[tuple[str, MoRModel, int, list[float] | None, int | None]
         out.append(Measured(name, batch, statistics.median(tps), engine.cache.peak_used_bytes,
                             pool.peak_used_bytes if pool is not None else 0, stats.depth_total / stats.generated,
                             sum(waiting) / len(waiting) / batch, stats.preemptions,
-                            pool.peak_blocks if pool is not None else 0))
+                            pool.peak_blocks if pool is not None else 0, tps))
     return out
 
 
@@ -170,7 +171,8 @@ def row(m: Measured, base: Measured, setting: str, n: int, block_layers: int, va
             "kv_bytes_per_sequence": m.kv_peak_bytes / m.batch, "vanilla_kv_bytes_per_sequence": base.kv_peak_bytes / base.batch,
             "kv_ratio": (m.kv_peak_bytes / m.batch) / (base.kv_peak_bytes / base.batch),
             "block_ratio": m.block_peak_bytes / m.batch / (per_layer * block_layers * n),
-            "paper_block_ratio": paper_block_ratio(n, kv_sharing), "thresholds": thresholds}
+            "paper_block_ratio": paper_block_ratio(n, kv_sharing), "thresholds": thresholds,
+            "round_ratios": [a / b for a, b in zip(m.speeds, base.speeds)] if setting == "fixed" else None}
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -228,6 +230,9 @@ def main(argv: list[str]) -> int:
     title = (f"Inference, {device}, preset {args.preset}: {args.requests} requests, mean length {args.mean_len}, "
              f"median of {args.repeats}")
     notes = [] if on_cuda else [GPU_MISSING]
+    summary = [f"{r['model']} vs {r['vanilla']} at batch {r['batch']}, tokens/s: {ratio_summary(r['round_ratios'])}"
+               for r in rows if r["round_ratios"]]  # the fixed batch: both models timed in the same rounds
+    notes.append("Summary:\n\n```\n" + "\n".join(summary) + "\n```")
     command = "python jobs/benchmark.py inference " + " ".join(shlex.quote(a) for a in argv)
     text = block(title, environment(on_cuda), command, table(rows), notes)
     print(text)

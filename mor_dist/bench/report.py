@@ -6,6 +6,7 @@ import argparse
 import datetime
 import importlib.metadata
 import platform
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -33,12 +34,23 @@ class Row:
     peak_mem_gib: float
     vs_tokens: Optional[float] = None
     vs_memory: Optional[float] = None
+    spread: Optional[tuple[float, float]] = None  # min and max tokens/s over the rounds
+    vs_tokens_range: Optional[tuple[float, float]] = None  # min and max of the per-round ratios
 
     def markdown(self) -> str:
         ratio = lambda x: "n/a" if x is None else f"{x:.2f}x"  # noqa: E731
+        speed = f"{self.tokens_per_s:,.0f}" + (f" ({self.spread[0]:,.0f}-{self.spread[1]:,.0f})" if self.spread else "")
+        vs = ratio(self.vs_tokens) + (f" ({self.vs_tokens_range[0]:.2f}-{self.vs_tokens_range[1]:.2f})"
+                                      if self.vs_tokens_range else "")
         return (f"| {self.model} | {self.implementation} | {self.precision} | {self.micro_batch} x {self.seq_length} "
-                f"| {self.tokens_per_s:,.0f} | {self.tflops:.3g} | {100 * self.mfu:.3g}% | {self.peak_mem_gib:.2f} "
-                f"| {ratio(self.vs_tokens)} | {ratio(self.vs_memory)} |")
+                f"| {speed} | {self.tflops:.3g} | {100 * self.mfu:.3g}% | {self.peak_mem_gib:.2f} "
+                f"| {vs} | {ratio(self.vs_memory)} |")
+
+
+def ratio_summary(ratios: list[float]) -> str:
+    """`1.31x (median, 1.25-1.36 over 5 rounds)`: one comparison at a glance, for a reader or a script."""
+    return (f"{statistics.median(ratios):.2f}x (median, {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} "
+            f"rounds)")
 
 
 HEADER = ("| model | implementation | precision | micro-batch x seq | tokens/s | model TFLOP/s | MFU "

@@ -1,19 +1,23 @@
 """Training throughput: `python jobs/benchmark.py train [--config C ...] [--baseline] [overrides]`.
 
-For each config, warm-up plus timed optimizer steps on the device at hand, in one process (no Ray,
-no MLflow), through the real build_model, megatron DDP, optimizer and train_step on synthetic
-token batches. Reports tokens/s, model TFLOP/s from executed FLOPs (model/flops.py, 3x forward),
-MFU against this device's measured dense matmul peak (bf16 on GPUs, fp32 on CPUs) and peak
-memory. `--baseline` also trains megatron-core's own GPTModel (TE spec on GPUs) at the vanilla
-shape of the same effective depth, width, heads, FFN, sequence and batch, in the same process,
-and prints each model's tokens/s and memory ratios to it.
+Every model is built and warmed up first, then timed in interleaved rounds (`--rounds` of `--steps`
+optimizer steps each, models in turn), on the device at hand, in one process (no Ray, no MLflow),
+through the real build_model, megatron DDP, optimizer and train_step on synthetic token batches.
+Reports median tokens/s with its range, model TFLOP/s from executed FLOPs (model/flops.py, 3x
+forward), MFU against the device's peak (tracking/perf.py: the vendor's dense peak on known GPUs,
+else a matmul timed once per process) and peak memory. `--baseline` also trains megatron-core's own
+GPTModel (TE spec on GPUs) at the vanilla shape of the same effective depth, width, heads, FFN,
+sequence and batch, in the same rounds, and prints the median of the per-round tokens/s ratios with
+their range, in the table and as one summary line per comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
-from dataclasses import replace
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +26,7 @@ import torch
 from mor_dist.cmdline import command, non_negative_int, positive_int
 from mor_dist.bench.baseline import build_baseline, vanilla_twin
 from mor_dist.bench.harness import init_world, reset_memory, synthetic_batches, timed_steps
-from mor_dist.bench.report import GPU_MISSING, Row, append_under, block, environment, table
+from mor_dist.bench.report import GPU_MISSING, Row, append_under, block, environment, ratio_summary, table
 from mor_dist.config import DEFAULT_CONFIG, JobConfig, load_config, validate
 from mor_dist.errors import ConfigError
 from mor_dist.model.flops import forward_flops_per_token
@@ -37,7 +41,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, action="append", default=None,
                    help=f"run config, repeatable (default {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[1])})")
-    p.add_argument("--steps", type=positive_int, default=10 if gpu else 3, help="timed optimizer steps")
+    p.add_argument("--steps", type=positive_int, default=10 if gpu else 3, help="timed optimizer steps per round")
+    p.add_argument("--rounds", type=positive_int, default=5, help="timed rounds, models interleaved; medians")
     p.add_argument("--warmup", type=non_negative_int, default=3 if gpu else 1, help="untimed steps first")
     p.add_argument("--micro-batches", type=positive_int, default=1, help="micro-batches per step (gradient accumulation)")
     p.add_argument("--vocab", type=positive_int, default=None,
@@ -67,19 +72,46 @@ def precision_label(cfg: JobConfig) -> str:
     return f"fp8-{t.fp8_recipe}" if t.precision == "fp8" else t.precision
 
 
-def measure(name: str, implementation: str, cfg: JobConfig, build: Callable[[], torch.nn.Module], vocab: int,
-            args: argparse.Namespace, on_cuda: bool) -> Row:
-    """Build, train warm-up + timed steps, free; `cfg` is the config whose executed FLOPs the model runs."""
+@dataclass
+class Contender:
+    """One model in the benchmark: built, warmed up, its peak memory alone, its tokens/s of each round."""
+
+    name: str
+    implementation: str
+    cfg: JobConfig  # the config whose executed FLOPs the model runs
+    run: Trainable
+    batches: Iterator
+    vocab: int
+    peak_mem_gib: float
+    speeds: list[float] = field(default_factory=list)
+
+    def row(self, on_cuda: bool) -> Row:
+        """Median tokens/s over the rounds (min and max beside it), with its FLOP rate and MFU."""
+        tokens_per_s = statistics.median(self.speeds)
+        tflops = forward_flops_per_token(self.cfg, self.vocab).training * tokens_per_s / 1e12
+        return Row(self.name, self.implementation, precision_label(self.cfg), self.cfg.train.micro_batch_size,
+                   self.cfg.model.seq_length, tokens_per_s, tflops,
+                   device_peak(on_cuda, self.cfg.train.precision).mfu(tflops, 1), self.peak_mem_gib,
+                   spread=(min(self.speeds), max(self.speeds)))
+
+
+def prepare(name: str, implementation: str, cfg: JobConfig, build: Callable[[], torch.nn.Module], vocab: int,
+            warmup: int, on_cuda: bool) -> Contender:
+    """Build and warm up one model; its memory is measured now, above what the models before it hold."""
     start = reset_memory(on_cuda)
     run = Trainable.around(cfg, build(), on_cuda)
     device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
-    timing = timed_steps(run, synthetic_batches(cfg, vocab, device), args.warmup, args.steps, on_cuda, start)
-    del run
-    reset_memory(on_cuda)
-    tflops = forward_flops_per_token(cfg, vocab).training * timing.tokens_per_s / 1e12
-    return Row(name, implementation, precision_label(cfg), cfg.train.micro_batch_size, cfg.model.seq_length,
-               timing.tokens_per_s, tflops, device_peak(on_cuda, cfg.train.precision).mfu(tflops, 1),
-               timing.peak_mem_gib)
+    batches = synthetic_batches(cfg, vocab, device)
+    timing = timed_steps(run, batches, warmup, 1, on_cuda, start)
+    return Contender(name, implementation, cfg, run, batches, vocab, timing.peak_mem_gib)
+
+
+def interleave(contenders: list[Contender], rounds: int, steps: int, on_cuda: bool) -> None:
+    """`rounds` rounds of `steps` timed steps per model, models in turn (reversed every other round), so that a
+    slower or busier stretch of the machine touches every model alike."""
+    for index in range(rounds):
+        for contender in contenders if index % 2 == 0 else contenders[::-1]:
+            contender.speeds.append(timed_steps(contender.run, contender.batches, 0, steps, on_cuda).tokens_per_s)
 
 
 def vocab_size(cfg: JobConfig, args: argparse.Namespace, on_cuda: bool) -> int:
@@ -94,28 +126,36 @@ def shape(cfg: JobConfig) -> tuple:
             t.fp8_recipe, t.recompute, t.fused_kernels)
 
 
-def run(cfgs: list[tuple[str, JobConfig]], args: argparse.Namespace, on_cuda: bool) -> list[Row]:
-    """Every config, each preceded by its GPTModel baseline (once per shape) when asked."""
-    rows: list[Row] = []
-    baselines: dict[tuple, Row] = {}
+def run(cfgs: list[tuple[str, JobConfig]], args: argparse.Namespace,
+        on_cuda: bool) -> tuple[list[Row], list[str]]:
+    """Every config, after its GPTModel baseline (once per shape) when asked, timed in interleaved rounds; the
+    table rows and one summary line per comparison."""
+    contenders: list[Contender] = []
+    pairs: list[tuple[Contender, Contender]] = []  # (model, its baseline)
+    baselines: dict[tuple, Contender] = {}
     for name, cfg in cfgs:
         vocab = vocab_size(cfg, args, on_cuda)
-        base = None
+        if args.baseline and (key := shape(cfg) + (vocab,)) not in baselines:
+            twin = vanilla_twin(cfg)
+            baselines[key] = prepare(f"vanilla {twin.model.num_layers} layers", "megatron-core GPTModel", twin,
+                                     lambda: build_baseline(cfg, vocab, on_cuda), vocab, args.warmup, on_cuda)
+            contenders.append(baselines[key])
+        model = prepare(f"{name} ({cfg.layout.plan.describe()})", "mor-dist MoRModel", cfg,
+                        lambda: build_model(cfg, vocab, on_cuda), vocab, args.warmup, on_cuda)
+        contenders.append(model)
         if args.baseline:
-            key = shape(cfg) + (vocab,)
-            if key not in baselines:
-                twin = vanilla_twin(cfg)
-                baselines[key] = measure(f"vanilla {twin.model.num_layers} layers", "megatron-core GPTModel", twin,
-                                         lambda: build_baseline(cfg, vocab, on_cuda), vocab, args, on_cuda)
-                rows.append(baselines[key])
-            base = baselines[key]
-        row = measure(f"{name} ({cfg.layout.plan.describe()})", "mor-dist MoRModel", cfg,
-                      lambda: build_model(cfg, vocab, on_cuda), vocab, args, on_cuda)
-        if base is not None:
-            memory = row.peak_mem_gib / base.peak_mem_gib if on_cuda else None  # CPU: one process-wide high-water mark
-            row = replace(row, vs_tokens=row.tokens_per_s / base.tokens_per_s, vs_memory=memory)
-        rows.append(row)
-    return rows
+            pairs.append((model, baselines[shape(cfg) + (vocab,)]))
+    interleave(contenders, args.rounds, args.steps, on_cuda)
+    rows = {id(c): c.row(on_cuda) for c in contenders}
+    summary = []
+    for model, base in pairs:
+        ratios = [m / b for m, b in zip(model.speeds, base.speeds)]  # within a round: the same machine state
+        memory = model.peak_mem_gib / base.peak_mem_gib if on_cuda else None  # CPU: one process-wide high-water mark
+        rows[id(model)] = replace(rows[id(model)], vs_tokens=statistics.median(ratios), vs_memory=memory,
+                                  vs_tokens_range=(min(ratios), max(ratios)))
+        summary.append(f"{model.name} vs {base.name} ({base.implementation}), tokens/s: "
+                       f"{ratio_summary(ratios)}")
+    return [rows[id(c)] for c in contenders], summary
 
 
 @command
@@ -126,18 +166,21 @@ def main(argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     cfgs = [(path.stem, bench_config(path, args)) for path in args.config or [DEFAULT_CONFIG]]
     init_world(on_cuda)
-    rows = run(cfgs, args, on_cuda)
+    rows, summary = run(cfgs, args, on_cuda)
     command = "python jobs/benchmark.py train " + " ".join(shlex.quote(a) for a in argv)
     precision = cfgs[0][1].train.precision
     peak = device_peak(on_cuda, precision)
     env = environment(on_cuda, peak)
     vocabs = sorted({vocab_size(cfg, args, on_cuda) for _, cfg in cfgs})
-    notes = [f"{args.warmup} warm-up + {args.steps} timed steps of {args.micro_batches} micro-batch(es) of synthetic "
-             f"tokens (vocabulary {', '.join(map(str, vocabs))}); MFU counts executed FLOPs (3x forward) against "
-             "the peak above."]
+    notes = [f"{args.warmup} warm-up steps, then {args.rounds} rounds of {args.steps} timed steps per model, models "
+             f"in turn; {args.micro_batches} micro-batch(es) of synthetic tokens per step (vocabulary "
+             f"{', '.join(map(str, vocabs))}). tokens/s is the median over the rounds (min-max in brackets), ratios "
+             "the median of the per-round ratios; MFU counts executed FLOPs (3x forward) against the peak above."]
     if not on_cuda:
         notes.append(GPU_MISSING + " CPU peak memory is the process's resident high-water mark, so memory "
                      "ratios are n/a.")
+    if summary:
+        notes.append("Summary:\n\n```\n" + "\n".join(summary) + "\n```")
     text = block("Training throughput", env, command, table(rows), notes)
     print(text)
     if args.append:
