@@ -126,3 +126,22 @@ def test_benchmark_refuses_impossible_numbers_naming_the_flag(mode, argv, flag, 
         parse(argv)
     assert exit_info.value.code == 2
     assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_anchors_decode_like_transformers_and_print_one_line_per_anchor(world, tmp_path, capsys):
+    from mor_dist.bench import anchors
+
+    doc = tmp_path / "benchmarks.md"
+    argv = ["--batch", "2", "--new-tokens", "6", "--rounds", "2", "--threads", "1", "--append", str(doc),
+            "model.num_layers=4"]
+    contenders, cfg = anchors.run(anchors.parse_args(argv))
+    ours, static, dynamic = contenders
+    assert cfg.model.kind == "vanilla" and all(len(c.speeds) == 2 and min(c.speeds) > 0 for c in contenders)
+    assert [len(row) for row in ours.outputs] == [6, 6]
+    assert ours.outputs[0][:2] == static.outputs[0][:2] == dynamic.outputs[0][:2]  # same weights, same greedy start
+    assert anchors.main(argv) == 0
+    out = capsys.readouterr().out
+    for cache in ("static", "dynamic"):
+        assert re.search(rf"mor-dist engine vs transformers generate \({cache} cache\), tokens/s: \d+\.\d\dx "
+                         r"\(median, \d+\.\d\d-\d+\.\d\d over 2 rounds\)", out), cache
+    assert "| transformers generate (static cache) | 4 x 64 | 2 x 6 |" in doc.read_text()

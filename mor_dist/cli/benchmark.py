@@ -1,21 +1,19 @@
-"""Benchmarks: `mor-benchmark train ...` and `mor-benchmark inference ...` (or `python jobs/benchmark.py`)."""
+"""Benchmarks: `mor-benchmark train|inference|anchors ...` (or `python jobs/benchmark.py`)."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 from mor_dist.cmdline import command
 
-USAGE = "usage: python jobs/benchmark.py {train,inference} [options]  (--help after the mode for its options)"
+USAGE = "usage: python jobs/benchmark.py {train,inference,anchors} [options]  (--help after the mode for its options)"
 
 
 @command
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("train", "inference"):
+    if not argv or argv[0] not in ("train", "inference", "anchors"):
         print(USAGE, file=sys.stderr)
         return 2
-    if argv[0] == "train":
-        from mor_dist.bench.train import main as run
-    else:
-        from mor_dist.bench.inference import main as run
-    return run(argv[1:])
+    module = importlib.import_module(f"mor_dist.bench.{argv[0]}")
+    return module.main(argv[1:])
