@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -145,3 +146,22 @@ def test_anchors_decode_like_transformers_and_print_one_line_per_anchor(world, t
         assert re.search(rf"mor-dist engine vs transformers generate \({cache} cache\), tokens/s: \d+\.\d\dx "
                          r"\(median, \d+\.\d\d-\d+\.\d\d over 2 rounds\)", out), cache
     assert "| transformers generate (static cache) | 4 x 64 | 2 x 6 |" in doc.read_text()
+
+
+def test_scaling_curves_measure_every_model_at_every_length(world, tmp_path):
+    from mor_dist.bench import scaling
+
+    argv = ["--sequences", "32", "64", "--recursions", "2", "--width", "32", "--tokens-per-step", "128", "--rounds",
+            "1", "--no-memory", "--json", str(tmp_path / "curves.json"), "--plot", str(tmp_path / "curves.png")]
+    assert scaling.main(argv) == 0
+    records = json.loads((tmp_path / "curves.json").read_text())["records"]
+    assert {(r["model"], r["seq_length"]) for r in records} == {
+        (m, s) for m in ("vanilla", "recursive-2", "mor-2") for s in (32, 64)}
+    by = {(r["model"], r["seq_length"]): r for r in records}
+    assert by[("vanilla", 64)]["speed_vs_vanilla"] == 1.0 and by[("vanilla", 32)]["micro_batch"] == 4
+    assert by[("mor-2", 64)]["predicted_speed_vs_vanilla"] > 1.0  # MoR executes fewer FLOPs than its vanilla depth
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    probe = ["--sequences", "64", "--width", "32", "--tokens-per-step", "512"]  # memory: one model per child process
+    args = scaling.parse_args(probe)
+    small, large = scaling.peak_memory(args, probe, "mor-2", 64), scaling.peak_memory(args, probe, "vanilla", 256)
+    assert 0 < small < large  # four times the activations (and a deeper model)
