@@ -161,7 +161,6 @@ def test_scaling_curves_measure_every_model_at_every_length(world, tmp_path):
     assert by[("vanilla", 64)]["speed_vs_vanilla"] == 1.0 and by[("vanilla", 32)]["micro_batch"] == 4
     assert by[("mor-2", 64)]["predicted_speed_vs_vanilla"] > 1.0  # MoR executes fewer FLOPs than its vanilla depth
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    probe = ["--sequences", "64", "--width", "32", "--tokens-per-step", "512"]  # memory: one model per child process
-    args = scaling.parse_args(probe)
-    small, large = scaling.peak_memory(args, probe, "mor-2", 64), scaling.peak_memory(args, probe, "vanilla", 256)
+    args = scaling.parse_args(["--width", "32", "--tokens-per-step", "512"])  # what each child process measures
+    small, large = scaling.child_peak(args, "mor-2", 64), scaling.child_peak(args, "vanilla", 256)
     assert 0 < small < large  # four times the activations (and a deeper model)

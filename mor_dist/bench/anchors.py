@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from mor_dist.bench.inference import TINY
 from mor_dist.bench.report import GPU_MISSING, append_under, block, environment, ratio_summary
 from mor_dist.cmdline import command, positive_int
 from mor_dist.config import REPO_ROOT, JobConfig, load_config
@@ -29,8 +30,6 @@ from mor_dist.inference.scheduler import Request, Scheduler
 from mor_dist.model.mor import MoRModel
 
 SECTION = "## Anchors (`jobs/benchmark.py anchors`)"
-TINY = ["model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
-        "model.ffn_hidden_size=192", "train.precision=fp32"]
 BOS = 0
 HF_CACHES = ("static", "dynamic")
 
