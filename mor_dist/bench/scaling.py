@@ -147,6 +147,7 @@ def plot(records: list[dict], path: Path) -> None:
     for ax, label in ((speed, "training tokens/s"), (ratio, "tokens/s vs vanilla (dashed: FLOP-predicted)"),
                       (memory, "peak memory GiB")):
         ax.set(xscale="log", xlabel="sequence length", ylabel=label)
+        ax.minorticks_off()
         ax.set_xticks(sorted({r["seq_length"] for r in records}), [str(s) for s in sorted({r["seq_length"]
                                                                                           for r in records})])
         ax.grid(alpha=0.3)
