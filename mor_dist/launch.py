@@ -178,7 +178,7 @@ def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool 
         "config": cfg.to_dict(),
         "data_dir": str(prepared.directory),
         "dataset": prepared.manifest,
-        "tags": source_tags(sys.argv[0]),
+        "tags": source_tags(sys.argv[0]) if cfg.tracking.enabled else {},  # MLflow's context: only when tracked
         "vocab_size": vocab,
         "run_dir": str(run_dir),
         "on_cuda": on_cuda,
