@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -74,10 +75,22 @@ class ParallelConfig:
 
 
 @dataclass
+class MixtureEntry:
+    """One source of a data mixture; the keys left unset take the data section's."""
+
+    dataset: str  # like data.dataset
+    weight: float  # relative: the weights are normalised into the chance of drawing a document from this source
+    text_column: Optional[str] = None
+    dataset_config: Optional[str] = None
+    split: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
     """Corpus and tokenizer."""
 
     dataset: str = "bundled"  # "bundled", a local file/dir (txt, jsonl, parquet) or a hub name
+    mixture: Optional[list[MixtureEntry]] = None  # weighted sources instead of data.dataset (docs/data.md, Mixtures)
     dataset_config: Optional[str] = None  # hub datasets: the configuration (subset) name
     split: str = "train"  # hub datasets: the split to train on (local files are one "train" split)
     tokenizer: str = "bundled"  # "bundled" (GPT-2), "smollm2", a local directory, a hub name, a model file
@@ -206,6 +219,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping of {annotation.__name__} fields "
+                              f"{[f.name for f in dataclasses.fields(annotation)]}, got {value!r}")
+        return _build(annotation, value, f"{key}.")
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
@@ -237,12 +255,13 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key '{dotted}'{_did_you_mean(key, names, prefix)}; valid keys under "
                               f"'{prefix or '.'}' are {names}")
-        if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"'{dotted}' must be a mapping of {hints[key].__name__} fields")
-            kwargs[key] = _build(hints[key], value, f"{dotted}.")
-        else:
-            kwargs[key] = _coerce(value, hints[key], dotted)
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in kwargs]
+    if missing:
+        raise ConfigError(f"'{prefix.rstrip('.')}' lacks {missing}; it needs {required} (optional: "
+                          f"{[name for name in names if name not in required]})")
     return cls(**kwargs)
 
 
@@ -399,6 +418,30 @@ def _validate_run_name(name: Optional[str]) -> None:
              "or digit (it names a directory under run.storage_path), e.g. run.name=my_run")
 
 
+def _validate_dataset(spec: str, key: str) -> None:
+    """A dataset name that could name a file, directory or hub dataset."""
+    _require(spec != "", f"{key} is empty; give 'bundled', a local file or directory, or a hub name")
+    _require(all(len(part) <= 255 for part in Path(spec).parts),
+             f"{key}={spec[:40]!r}... has a part longer than 255 characters, which no file or hub dataset name can "
+             "have; check the value")
+
+
+def _validate_mixture(data: DataConfig) -> None:
+    """data.mixture: two or more entries with finite weights > 0, and data.dataset left at its default."""
+    if data.mixture is None:
+        return
+    _require(data.dataset == DataConfig.dataset,
+             f"data.dataset={data.dataset!r} and data.mixture are both set, so which data to train on is ambiguous; "
+             f"add {{dataset: {data.dataset}, weight: ...}} to data.mixture and leave data.dataset unset (or "
+             f"data.dataset={DataConfig.dataset}, its default), or remove data.mixture")
+    _require(len(data.mixture) >= 2, f"data.mixture lists {len(data.mixture)} source(s); a mixture needs at least "
+             "two (for one source set data.dataset instead)")
+    for i, entry in enumerate(data.mixture):
+        _validate_dataset(entry.dataset, f"data.mixture[{i}].dataset")
+        _require(math.isfinite(entry.weight) and entry.weight > 0,
+                 f"data.mixture[{i}].weight must be a finite number > 0 (weights are relative), got {entry.weight}")
+
+
 def validate(cfg: JobConfig) -> None:
     """Reject impossible combinations before anything expensive starts."""
     m, r, p, t = cfg.model, cfg.routing, cfg.parallel, cfg.train
@@ -455,10 +498,8 @@ def validate(cfg: JobConfig) -> None:
     if m.vocab_size is not None:
         _require(m.vocab_size % p.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
     _validate_run_name(cfg.run.name)
-    _require(cfg.data.dataset != "", "data.dataset is empty; give 'bundled', a local file or directory, or a hub name")
-    _require(all(len(part) <= 255 for part in Path(cfg.data.dataset).parts),
-             f"data.dataset={cfg.data.dataset[:40]!r}... has a part longer than 255 characters, which no file or hub "
-             "dataset name can have; check the value")
+    _validate_dataset(cfg.data.dataset, "data.dataset")
+    _validate_mixture(cfg.data)
     _require(cfg.data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0 documents, got {cfg.data.shuffle_buffer}")
     _require(cfg.data.num_proc >= 1, f"data.num_proc must be >= 1, got {cfg.data.num_proc}")
     _require(cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {cfg.run.keep_checkpoints}")

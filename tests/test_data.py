@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mor_dist.config import JobConfig, load_config
+from mor_dist.config import JobConfig, MixtureEntry, load_config
 from mor_dist.errors import ConfigError
 from mor_dist.data import (PreparedData, StreamingTrainIterator, TrainIterator, load_tokenizer, padded_vocab_size,
                            prepare_data)
@@ -334,3 +334,153 @@ def test_streaming_errors_are_raised_on_the_driver(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", ["some text"] * 4, column="body")
     with pytest.raises(ConfigError, match="data.text_column"):
         prepare_data(make_cfg(tmp_path / "d.jsonl", streaming=True), tmp_path / "cache")
+
+
+# ---------------------------------------------------------------- mixtures
+
+
+def tagged_docs(corpus: list[str], tag: str, count: int, chars: int = 150) -> list[str]:
+    """Real text, each document starting with a unique marker such as 'Beta 17.'."""
+    return [f"{tag} {i}. {corpus[i % len(corpus)][:chars]}" for i in range(count)]
+
+
+def tags_in(text: str) -> list[tuple[str, int]]:
+    return [(tag, int(number)) for tag, number in re.findall(r"(Alpha|Beta) (\d+)\.", text)]
+
+
+def decoded(tokenizer, prepared: PreparedData, split: str) -> str:
+    return tokenizer.decode(np.asarray(prepared.sequences(split)).ravel().tolist())
+
+
+def mixture_cfg(alpha: Path, beta: Path, weights: tuple[float, float], **data: object) -> JobConfig:
+    """Alpha (column 'text') and Beta (column 'content') mixed with the given weights."""
+    cfg = make_cfg("bundled", validation_fraction=0.2, **data)
+    cfg.data.mixture = [MixtureEntry(str(alpha), weights[0]),
+                        MixtureEntry(str(beta), weights[1], text_column="content")]
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def mixture_files(corpus, tmp_path_factory) -> tuple[Path, Path]:
+    """A large source (300 Alpha documents) and a small one (60 Beta documents, in a column 'content')."""
+    folder = tmp_path_factory.mktemp("mixture")
+    return (write_jsonl(folder / "alpha.jsonl", tagged_docs(corpus, "Alpha", 300)),
+            write_jsonl(folder / "beta.jsonl", tagged_docs(corpus, "Beta", 60), column="content"))
+
+
+@pytest.fixture(scope="module")
+def weighted(mixture_files, tmp_path_factory) -> PreparedData:
+    """The small source weighted 0.75 against the large one's 0.25: upsampled about 15 times."""
+    return prepare_data(mixture_cfg(*mixture_files, (0.25, 0.75)), tmp_path_factory.mktemp("cache"))
+
+
+def test_a_mixture_draws_documents_by_weight(weighted, tokenizer):
+    """Against the sources' sizes (300 vs 60 documents): concatenating would give Beta 17%, cycling 50%; stopping
+    at the first exhausted source would leave most of Alpha unread."""
+    by_source = weighted.manifest["num_documents_by_source"]["train"]
+    assert sum(by_source) == weighted.manifest["num_documents"]["train"] > 1000
+    assert by_source[1] / sum(by_source) == pytest.approx(0.75, abs=0.04)
+    drawn = Counter(tag for tag, _ in tags_in(decoded(tokenizer, weighted, "train")))  # repeats counted
+    assert drawn["Beta"] / (drawn["Alpha"] + drawn["Beta"]) == pytest.approx(0.75, abs=0.04)
+    seen = set(tags_in(decoded(tokenizer, weighted, "train") + decoded(tokenizer, weighted, "validation")))
+    assert len({n for tag, n in seen if tag == "Alpha"}) >= 295  # the large source is read to its end
+    line = weighted.describe()
+    assert "mixture (weight -> share of the training documents): alpha.jsonl 0.25 -> " in line
+    assert re.search(r"beta\.jsonl 0\.75 -> 7[3-7]\.\d%", line), line
+
+
+def test_held_out_documents_never_reach_training_when_a_source_is_upsampled(weighted, tokenizer):
+    train = Counter(tags_in(decoded(tokenizer, weighted, "train")))
+    validation = Counter(tags_in(decoded(tokenizer, weighted, "validation")))
+    assert max(train[doc] for doc in train if doc[0] == "Beta") >= 5  # Beta documents repeat in training...
+    held_out_beta = [doc for doc in validation if doc[0] == "Beta"]
+    assert held_out_beta and max(validation[doc] for doc in held_out_beta) >= 5  # ...and in validation
+    assert set(train).isdisjoint(validation)  # but no document is on both sides
+    assert weighted.manifest["identity"]["held_out_by"] == "text"
+
+
+def test_the_cache_key_follows_the_mixture(mixture_files, tmp_path):
+    cache = tmp_path / "cache"
+    first = prepare_data(mixture_cfg(*mixture_files, (0.5, 0.5)), cache).directory
+    assert prepare_data(mixture_cfg(*mixture_files, (1.0, 1.0)), cache).directory == first  # weights are relative
+    assert prepare_data(mixture_cfg(*mixture_files, (0.6, 0.4)), cache).directory != first
+    identity = PreparedData.open(first).manifest["identity"]["source"]
+    assert identity["weights"] == [0.5, 0.5] and identity["stopping_strategy"] == "all_exhausted"
+    assert [s["spec"] for s in identity["sources"]] == [str(p) for p in mixture_files]
+
+
+def test_a_mixture_is_a_dataset_input_for_mlflow(weighted):
+    from mor_dist.tracking.dataset import dataset_input
+
+    data = dataset_input(weighted.manifest)
+    assert (data.dataset.name, data.dataset.source_type) == ("alpha.jsonl+beta.jsonl", "code")
+    sources = json.loads(data.dataset.source)["tags"]["interleave_datasets"]["sources"]
+    assert [(s["path"], s["weight"]) for s in sources] == [("json", 0.25), ("json", 0.75)]
+    tags = {t.key: t.value for t in data.tags}
+    assert json.loads(tags["train.num_documents_by_source"]) == weighted.manifest["num_documents_by_source"]["train"]
+
+
+def test_a_mixture_reads_from_yaml_and_from_a_dotted_override(tmp_path):
+    (tmp_path / "c.yaml").write_text(f"inherit: {Path('configs/tiny_mor.yaml').resolve()}\ndata:\n  mixture:\n"
+                                     "    - {dataset: bundled, weight: 0.7}\n"
+                                     "    - {dataset: other.jsonl, weight: 3e-1, text_column: content}\n")
+    from_yaml = load_config(tmp_path / "c.yaml").data.mixture
+    from_override = load_config(None, ["data.mixture=[{dataset: bundled, weight: 0.7}, "
+                                       "{dataset: other.jsonl, weight: 0.3, text_column: content}]"]).data.mixture
+    assert from_yaml == from_override == [MixtureEntry("bundled", 0.7),
+                                          MixtureEntry("other.jsonl", 0.3, text_column="content")]
+
+
+@pytest.mark.parametrize("mixture, extra, needle", [
+    ("[{dataset: bundled, weight: 1}]", [], "data.mixture lists 1 source(s); a mixture needs at least two"),
+    ("[{dataset: bundled, weight: 1}, {dataset: b, weight: 0}]", [], "data.mixture[1].weight must be"),
+    ("[{dataset: bundled, weight: 1}, {dataset: b, weight: -0.5}]", [], "data.mixture[1].weight must be"),
+    ("[{dataset: bundled, weight: .inf}, {dataset: b, weight: 1}]", [], "data.mixture[0].weight must be"),
+    ("[{dataset: bundled, weight: 1}, {dataset: b, wieght: 1}]", [],
+     "unknown config key 'data.mixture[1].wieght' (did you mean 'data.mixture[1].weight'?); valid keys"),
+    ("[{dataset: bundled, weight: 1}, {dataset: b}]", [], "'data.mixture[1]' lacks ['weight']"),
+    ("[{dataset: bundled, weight: 1}, {dataset: b, weight: 1}]", ["data.dataset=b"],
+     "data.dataset='b' and data.mixture are both set"),
+])
+def test_mixture_config_errors_name_the_field(mixture, extra, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"data.mixture={mixture}", *extra])
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("entry, needle", [
+    ("{dataset: ./nope.jsonl, weight: 1}", "data.mixture[1].dataset='./nope.jsonl' does not exist"),
+    ("{dataset: BETA, weight: 1}", "data.mixture[1].text_column='text' is not a column of data.mixture[1].dataset="),
+])
+def test_a_bad_mixture_entry_is_named_before_any_source_is_read(entry, needle, mixture_files, tmp_path):
+    cfg = load_config(None, [f"data.mixture=[{{dataset: {mixture_files[0]}, weight: 1}}, "
+                             f"{entry.replace('BETA', str(mixture_files[1]))}]"])
+    with pytest.raises(ConfigError) as err:
+        prepare_data(cfg, tmp_path / "cache")
+    assert needle in str(err.value)
+
+
+def test_a_streamed_mixture_resumes_exactly_and_holds_out_by_text(corpus, tokenizer, tmp_path):
+    """Short sources, so that 24 micro-batches run through several passes of the interleaved stream."""
+    alpha = write_jsonl(tmp_path / "alpha.jsonl", tagged_docs(corpus, "Alpha", 24, chars=60))
+    beta = write_jsonl(tmp_path / "beta.jsonl", tagged_docs(corpus, "Beta", 6, chars=60), column="content")
+    cfg = mixture_cfg(alpha, beta, (0.5, 0.5), seq_length=64, mbs=2, gbs=2, streaming=True)
+    cfg.train.eval_batches = 1
+    prepared = prepare_data(cfg, tmp_path / "cache")
+    assert "; mixture weights alpha.jsonl 0.50, beta.jsonl 0.50" in prepared.describe()
+    reference = prepared.train_iterator(0, 1, 2, 2)
+    batches = take(reference, 24)
+    assert reference.state_dict()["epoch"] >= 2
+    epochs = set()
+    for stop in (5, 17):  # a resume in the first pass and one in a later pass
+        first = prepared.train_iterator(0, 1, 2, 2)
+        take(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))
+        epochs.add(state["epoch"])
+        resumed = prepared.train_iterator(0, 1, 2, 2)
+        resumed.load_state_dict(state)
+        assert rows_of(take(resumed, 24 - stop)) == rows_of(batches[stop:]), stop
+    assert len(epochs) == 2, epochs
+    trained = set(tags_in(tokenizer.decode([t for b in batches for t in b["tokens"].ravel().tolist()])))
+    held_out = set(tags_in(decoded(tokenizer, prepared, "validation")))
+    assert {tag for tag, _ in trained} == {"Alpha", "Beta"} and held_out and trained.isdisjoint(held_out)

@@ -17,9 +17,9 @@ from mor_dist.config import JobConfig
 from mor_dist.errors import ConfigError
 from mor_dist.data.cache import FORMAT, cache_key, publish, read_manifest, staging_directory
 from mor_dist.data.iterator import TrainIterator, validation_batches
+from mor_dist.data.mixture import SOURCE, Corpus, Mixture, corpus_from_dict, resolve_corpus
 from mor_dist.data.packing import TokenBuffer, join_documents, token_dtype
-from mor_dist.data.sources import Source, resolve_source
-from mor_dist.data.split import split_documents
+from mor_dist.data.split import held_out_by_text, split_documents
 from mor_dist.data.streaming import StreamingTrainIterator, validation_rows
 from mor_dist.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
 
@@ -63,14 +63,33 @@ class PreparedData:
         """Whether training data is streamed and packed in the workers."""
         return self.manifest["streaming"]
 
+    def corpus(self) -> Corpus:
+        """Where the documents come from: one source, or a mixture."""
+        return corpus_from_dict(self.manifest["source"])
+
     def describe(self) -> str:
-        """One line: the prepared sizes and where they are cached."""
+        """One line: the prepared sizes, where they are cached, and a mixture's sources."""
         seqs, seq = self.manifest["num_sequences"], self.seq_length
         if self.streaming:
-            return f"data: streamed; {seqs['validation']:,} validation sequences of {seq} tokens in {self.directory}"
-        tokens = self.manifest["num_tokens"]
-        return (f"data: {seqs['train']:,} training / {seqs['validation']:,} validation sequences of {seq} tokens "
-                f"({tokens['train']:,} / {tokens['validation']:,} tokens) in {self.directory}")
+            line = f"data: streamed; {seqs['validation']:,} validation sequences of {seq} tokens in {self.directory}"
+        else:
+            tokens = self.manifest["num_tokens"]
+            line = (f"data: {seqs['train']:,} training / {seqs['validation']:,} validation sequences of {seq} tokens "
+                    f"({tokens['train']:,} / {tokens['validation']:,} tokens) in {self.directory}")
+        return line + self._describe_mixture()
+
+    def _describe_mixture(self) -> str:
+        """'; mixture ...' for a mixture: each source's weight and, when cached, its share of the training
+        documents (empty for one source)."""
+        corpus = self.corpus()
+        if not isinstance(corpus, Mixture):
+            return ""
+        if self.streaming:
+            return "; mixture weights " + ", ".join(f"{s.name} {w:.2f}" for s, w in zip(corpus.sources, corpus.weights))
+        counts = self.manifest["num_documents_by_source"]["train"]
+        shares = ", ".join(f"{s.name} {w:.2f} -> {n / sum(counts):.1%} ({n:,})"
+                           for s, w, n in zip(corpus.sources, corpus.weights, counts))
+        return f"; mixture (weight -> share of the training documents): {shares}"
 
     def tokenizer(self) -> Tokenizer:
         """The tokenizer the data was prepared with (from the cache, no network)."""
@@ -87,9 +106,9 @@ class PreparedData:
         shuffle_buffer: documents a stream shuffles in, 0 for stream order)."""
         seed = self.manifest["seed"] if seed is None else seed
         if self.streaming:
-            return StreamingTrainIterator(Source.from_dict(self.manifest["source"]), self.tokenizer(),
-                                          self.seq_length, self.manifest["validation_fraction"], seed,
-                                          dp_rank, dp_size, micro_batch_size, global_batch_size, shuffle_buffer)
+            return StreamingTrainIterator(self.corpus(), self.tokenizer(), self.seq_length,
+                                          self.manifest["validation_fraction"], seed, dp_rank, dp_size,
+                                          micro_batch_size, global_batch_size, shuffle_buffer)
         return TrainIterator(self.sequences("train"), seed, dp_rank, dp_size, micro_batch_size, global_batch_size)
 
     def validation_batches(self, dp_rank: int, dp_size: int, micro_batch_size: int,
@@ -117,12 +136,13 @@ def _tokenize(batch: dict[str, list[Any]], tokenizer: Tokenizer, column: str) ->
     return {"ids": [np.asarray(x, dtype=np.int32) for x in ids], "length": [len(x) for x in ids]}
 
 
-def _check_sizes(cfg: JobConfig, train_rows: int | None, validation_rows: int) -> None:
-    """Enough packed rows for training and for one validation micro-batch on every DP rank."""
+def _check_sizes(cfg: JobConfig, label: str, train_rows: int | None, validation_rows: int) -> None:
+    """Enough packed rows for training and for one validation micro-batch on every DP rank (label: how messages
+    name the data)."""
     seq = cfg.model.seq_length
     if train_rows == 0:
-        raise ConfigError(f"data.dataset={cfg.data.dataset!r} has too few tokens for one training sequence of "
-                          f"model.seq_length={seq} + 1 tokens; use more data or a shorter model.seq_length")
+        raise ConfigError(f"{label} has too few tokens for one training sequence of model.seq_length={seq} + 1 "
+                          "tokens; use more data or a shorter model.seq_length")
     needed = cfg.train.micro_batch_size * cfg.parallel.dp
     if validation_rows < needed:
         raise ConfigError(
@@ -145,40 +165,65 @@ def _write_rows(tokenized: Dataset, documents: np.ndarray, rows: int, eos_id: in
     out.flush()
 
 
-def _prepare_packed(cfg: JobConfig, source: Source, dataset: Dataset, tokenizer: Tokenizer,
+def _holds_out_by_text(cfg: JobConfig, corpus: Corpus) -> bool:
+    """Whether validation documents are chosen by the seeded hash of their text (data/split.py): for streams, and
+    for mixtures, whose repeated documents must all land on the side their first copy did."""
+    return cfg.data.streaming or isinstance(corpus, Mixture)
+
+
+def _split(cfg: JobConfig, corpus: Corpus, dataset: Dataset, nonempty: np.ndarray) -> dict[str, np.ndarray]:
+    """The training and validation documents among the non-empty ones (indices into `dataset`)."""
+    fraction, seed = cfg.data.validation_fraction, cfg.train.seed
+    if _holds_out_by_text(cfg, corpus):
+        held_out = held_out_by_text(dataset, corpus.text_column, fraction, seed)[nonempty]
+        return {"train": nonempty[~held_out], "validation": nonempty[held_out]}
+    train, validation = split_documents(nonempty, fraction, seed)
+    return {"train": train, "validation": validation}
+
+
+def _documents_by_source(corpus: Corpus, tokenized: Dataset, documents: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A mixture's realised shares: how many of each split's documents came from each source (nothing for one
+    source)."""
+    if not isinstance(corpus, Mixture):
+        return {}
+    sources = tokenized.data.column(SOURCE).to_numpy()
+    return {"num_documents_by_source": {split: np.bincount(sources[docs], minlength=len(corpus.sources)).tolist()
+                                        for split, docs in documents.items()}}
+
+
+def _prepare_packed(cfg: JobConfig, corpus: Corpus, dataset: Dataset, tokenizer: Tokenizer,
                     staging: Path) -> dict[str, Any]:
     """Tokenize, split by document, pack both splits into staging; returns the manifest's counts."""
     data, row_length = cfg.data, cfg.model.seq_length + 1
     with _progress_bars(len(dataset) >= PROGRESS_BAR_DOCUMENTS):
-        tokenized = dataset.map(_tokenize, batched=True, batch_size=1000, remove_columns=dataset.column_names,
-                                fn_kwargs={"tokenizer": tokenizer, "column": source.text_column},
+        tokenized = dataset.map(_tokenize, batched=True, batch_size=1000,
+                                remove_columns=[c for c in dataset.column_names if c != SOURCE],  # a mixture's stays
+                                fn_kwargs={"tokenizer": tokenizer, "column": corpus.text_column},
                                 num_proc=data.num_proc if data.num_proc > 1 else None, desc="tokenizing")
     lengths = np.asarray(tokenized.data.column("length").to_numpy(), dtype=np.int64)
     nonempty = np.flatnonzero(lengths)
     if len(nonempty) == 0:
-        raise ConfigError(f"data.dataset={data.dataset!r}: every document in data.text_column="
-                          f"{data.text_column!r} is empty")
+        raise ConfigError(f"{corpus.label}: every document (text column {corpus.text_column!r}) is empty")
     if len(nonempty) < 2:
-        raise ConfigError(f"data.dataset={data.dataset!r} has one non-empty document; a validation split "
-                          "(data.validation_fraction) needs at least two")
-    train_docs, validation_docs = split_documents(nonempty, data.validation_fraction, cfg.train.seed)
-    documents = {"train": train_docs, "validation": validation_docs}
+        raise ConfigError(f"{corpus.label} has one non-empty document; a validation split (data.validation_fraction) "
+                          "needs at least two")
+    documents = _split(cfg, corpus, dataset, nonempty)
     tokens = {split: int(lengths[docs].sum() + len(docs)) for split, docs in documents.items()}
     rows = {split: count // row_length for split, count in tokens.items()}
-    _check_sizes(cfg, rows["train"], rows["validation"])
+    _check_sizes(cfg, corpus.label, rows["train"], rows["validation"])
     dtype = token_dtype(tokenizer.vocab_size)
     for split, docs in documents.items():
         _write_rows(tokenized, docs, rows[split], tokenizer.eos_id, row_length, dtype, staging / f"{split}.npy")
     return {"num_documents": {s: len(d) for s, d in documents.items()}, "num_tokens": tokens,
-            "num_sequences": rows}
+            "num_sequences": rows, **_documents_by_source(corpus, tokenized, documents)}
 
 
-def _prepare_streaming(cfg: JobConfig, source: Source, tokenizer: Tokenizer, num_rows: int,
+def _prepare_streaming(cfg: JobConfig, corpus: Corpus, tokenizer: Tokenizer, num_rows: int,
                        staging: Path) -> dict[str, Any]:
     """Collect the first held-out rows of the stream (training is packed on the fly by the workers)."""
-    rows = validation_rows(source, tokenizer, cfg.model.seq_length, cfg.data.validation_fraction, cfg.train.seed,
+    rows = validation_rows(corpus, tokenizer, cfg.model.seq_length, cfg.data.validation_fraction, cfg.train.seed,
                            num_rows)
-    _check_sizes(cfg, None, len(rows))
+    _check_sizes(cfg, corpus.label, None, len(rows))
     np.save(staging / "validation.npy", rows.astype(token_dtype(tokenizer.vocab_size)))
     return {"num_sequences": {"train": None, "validation": len(rows)}}
 
@@ -186,7 +231,7 @@ def _prepare_streaming(cfg: JobConfig, source: Source, tokenizer: Tokenizer, num
 def prepare_data(cfg: JobConfig, cache_dir: str | Path) -> PreparedData:
     """Validate `data.*`, then tokenize, split and pack into `cache_dir` once (reused while the inputs match)."""
     data = cfg.data
-    source = resolve_source(data)
+    corpus = resolve_corpus(data, cfg.train.seed)  # every source of a mixture, before any is read
     tokenizer = load_tokenizer(data.tokenizer)
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < tokenizer.vocab_size:
         if cfg.model.init_from:
@@ -198,34 +243,35 @@ def prepare_data(cfg: JobConfig, cache_dir: str | Path) -> PreparedData:
     streamed_validation_rows = max(1, cfg.train.eval_batches) * cfg.train.micro_batch_size * cfg.parallel.dp
     dataset = None
     if data.streaming:
-        source.check_stream()
+        corpus.check_stream()
     else:
         with _progress_bars(False):  # reading local files into datasets' cache: seconds, and a bar per file
-            dataset = source.load()
+            dataset = corpus.load()
     identity = {
-        "format": FORMAT, "source": source.to_dict(), "fingerprint": source.fingerprint(dataset),
+        "format": FORMAT, "source": corpus.to_dict(), "fingerprint": corpus.fingerprint(dataset),
         "tokenizer": hashlib.sha256(tokenizer.to_json().encode()).hexdigest(), "seq_length": cfg.model.seq_length,
         "validation_fraction": data.validation_fraction, "seed": cfg.train.seed, "streaming": data.streaming,
     }
     if data.streaming:
         identity["validation_rows"] = streamed_validation_rows
+    if _holds_out_by_text(cfg, corpus):
         identity["held_out_by"] = "text"  # the seeded hash of a document's text (data/split.py)
     key = cache_key(identity)
     directory = Path(cache_dir) / key
     manifest = read_manifest(directory)
     if manifest is not None and manifest["identity"] == identity:
         counts = manifest["num_sequences"]
-        _check_sizes(cfg, counts["train"], counts["validation"])
+        _check_sizes(cfg, corpus.label, counts["train"], counts["validation"])
         return PreparedData(directory, manifest)
     staging = staging_directory(Path(cache_dir), key)
     try:
         if data.streaming:
-            counts = _prepare_streaming(cfg, source, tokenizer, streamed_validation_rows, staging)
+            counts = _prepare_streaming(cfg, corpus, tokenizer, streamed_validation_rows, staging)
         else:
-            counts = _prepare_packed(cfg, source, dataset, tokenizer, staging)
+            counts = _prepare_packed(cfg, corpus, dataset, tokenizer, staging)
         (staging / TOKENIZER_FILE).write_text(tokenizer.to_json())
         manifest = {
-            "format": FORMAT, "key": key, "identity": identity, "source": source.to_dict(),
+            "format": FORMAT, "key": key, "identity": identity, "source": corpus.to_dict(),
             "tokenizer": data.tokenizer, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "seq_length": cfg.model.seq_length, "seed": cfg.train.seed,
             "validation_fraction": data.validation_fraction, "streaming": data.streaming,

@@ -30,15 +30,27 @@ class Source:
     config_name: str | None
     split: str
     text_column: str
+    key: str = "data"  # the config section that names it ("data.mixture[1]"), for messages; not stored
 
     @property
     def is_local(self) -> bool:
         """Local files (read with a builder) rather than a hub dataset."""
         return self.builder in LOCAL_BUILDERS and bool(self.data_files)
 
+    @property
+    def label(self) -> str:
+        """How messages name it: the config key and its value."""
+        return f"{self.key}.dataset={self.spec!r}"
+
+    @property
+    def name(self) -> str:
+        """How summaries name it: the dataset as written (a file's name for local paths)."""
+        return Path(self.spec).name if self.data_files and self.spec != "bundled" else self.spec
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form (for the cache manifest)."""
-        return {**asdict(self), "data_files": list(self.data_files)}
+        values = {k: v for k, v in asdict(self).items() if k != "key"}  # the key only words messages
+        return {**values, "data_files": list(self.data_files)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Source:
@@ -51,7 +63,7 @@ class Source:
             extra = {"sample_by": "paragraph"} if self.builder == "text" else {}
             return load_dataset(self.builder, data_files=list(self.data_files), split="train",
                                 streaming=streaming, **extra)
-        require_hub("data.dataset", self.spec)
+        require_hub(f"{self.key}.dataset", self.spec)
         return load_dataset(self.builder, self.config_name, split=self.split, streaming=streaming)
 
     def load(self) -> Dataset:
@@ -63,12 +75,12 @@ class Source:
         except Exception as err:  # datasets raises many types (DatasetGenerationError, FileNotFoundError, ...)
             raise _unreadable(self, err) from err
         if len(dataset) == 0:
-            raise ConfigError(f"data.dataset={self.spec!r} holds no records; point it at a non-empty dataset")
+            raise ConfigError(f"{self.label} holds no records; point it at a non-empty dataset")
         if self.text_column not in dataset.column_names:
-            raise _missing_column(self.spec, self.text_column, dataset.column_names)
+            raise _missing_column(self, dataset.column_names)
         dtype = getattr(dataset.features[self.text_column], "dtype", None)
         if dtype not in ("string", "large_string"):
-            raise ConfigError(f"data.text_column={self.text_column!r} of data.dataset={self.spec!r} holds "
+            raise ConfigError(f"{self.key}.text_column={self.text_column!r} of {self.label} holds "
                               f"{dataset.features[self.text_column]}, not text; choose a string column")
         return dataset
 
@@ -90,12 +102,12 @@ class Source:
         except Exception as err:
             raise _unreadable(self, err) from err
         if first is None:
-            raise ConfigError(f"data.dataset={self.spec!r} holds no records; point it at a non-empty dataset")
+            raise ConfigError(f"{self.label} holds no records; point it at a non-empty dataset")
         if self.text_column not in first:
-            raise _missing_column(self.spec, self.text_column, list(first))
+            raise _missing_column(self, list(first))
         if not isinstance(first[self.text_column], str):
-            raise ConfigError(f"data.text_column={self.text_column!r} of data.dataset={self.spec!r} does not "
-                              "hold text; choose a string column")
+            raise ConfigError(f"{self.key}.text_column={self.text_column!r} of {self.label} does not hold text; "
+                              "choose a string column")
 
     def fingerprint(self, dataset: Dataset | None) -> str:
         """Content hash of local files; `datasets`' own fingerprint (or just the name) for hub data."""
@@ -141,13 +153,13 @@ def _unreadable(source: Source, err: Exception) -> ConfigError:
     located = _bad_json_line(source.data_files) if source.builder == "json" else None
     root = _innermost(err)
     detail = located or f"{type(root).__name__}: {root}"
-    return ConfigError(f"data.dataset={source.spec!r} could not be read: {detail}; fix the data, or check the "
-                       "files (txt, jsonl/json, parquet) or the hub name, data.dataset_config and data.split")
+    return ConfigError(f"{source.label} could not be read: {detail}; fix the data, or check the files (txt, "
+                       f"jsonl/json, parquet) or the hub name, {source.key}.dataset_config and {source.key}.split")
 
 
-def _missing_column(spec: str, column: str, columns: list[str]) -> ConfigError:
+def _missing_column(source: Source, columns: list[str]) -> ConfigError:
     """The error for a `data.text_column` the data does not have."""
-    return ConfigError(f"data.text_column={column!r} is not a column of data.dataset={spec!r}; "
+    return ConfigError(f"{source.key}.text_column={source.text_column!r} is not a column of {source.label}; "
                        f"its columns are {columns}")
 
 
@@ -157,35 +169,36 @@ def _builder_of(path: Path) -> str | None:
     return next((builder for suffix, builder in BUILDERS.items() if name.endswith(suffix)), None)
 
 
-def _local_source(spec: str, files: list[Path], data: DataConfig) -> Source:
+def _local_source(spec: str, files: list[Path], data: DataConfig, key: str) -> Source:
     """A Source over local files, all of one kind and not all empty."""
     builders = {_builder_of(f) for f in files}
     if None in builders or len(builders) != 1:
         kinds = sorted(f.name for f in files if _builder_of(f) is None) or sorted(b for b in builders if b)
-        raise ConfigError(f"data.dataset={spec!r} must be files of one kind (.txt, .jsonl/.json or .parquet, "
+        raise ConfigError(f"{key}.dataset={spec!r} must be files of one kind (.txt, .jsonl/.json or .parquet, "
                           f"optionally .gz); found {kinds}")
     if all(f.stat().st_size == 0 for f in files):
-        raise ConfigError(f"data.dataset={spec!r} is empty; point it at files that hold documents")
+        raise ConfigError(f"{key}.dataset={spec!r} is empty; point it at files that hold documents")
     return Source(spec=spec, builder=builders.pop(), data_files=tuple(str(f) for f in files), config_name=None,
-                  split="train", text_column=data.text_column)
+                  split="train", text_column=data.text_column, key=key)
 
 
-def resolve_source(data: DataConfig) -> Source:
-    """Turn `data.dataset` into a Source, rejecting missing or unusable local paths by name."""
+def resolve_source(data: DataConfig, key: str = "data") -> Source:
+    """Turn `data.dataset` into a Source, rejecting missing or unusable local paths by name (`key`: the config
+    section the settings came from, for messages)."""
     spec = data.dataset
     if spec == "bundled":
-        return _local_source(spec, sorted(BUNDLED_CORPUS.glob("*.jsonl.gz")), data)
+        return _local_source(spec, sorted(BUNDLED_CORPUS.glob("*.jsonl.gz")), data, key)
     path = Path(spec).expanduser()
     if path.is_file():
-        return _local_source(spec, [path.resolve()], data)
+        return _local_source(spec, [path.resolve()], data, key)
     if path.is_dir():
         files = sorted(f.resolve() for f in path.rglob("*")
                        if f.is_file() and not f.name.startswith(".") and _builder_of(f) is not None)
         if not files:
-            raise ConfigError(f"data.dataset={spec!r} is a directory without .txt, .jsonl/.json or .parquet files")
-        return _local_source(spec, files, data)
+            raise ConfigError(f"{key}.dataset={spec!r} is a directory without .txt, .jsonl/.json or .parquet files")
+        return _local_source(spec, files, data, key)
     if spec.startswith(("/", "./", "../", "~")) or _builder_of(path) is not None:
-        raise ConfigError(f"data.dataset={spec!r} does not exist; give an existing file or directory, "
+        raise ConfigError(f"{key}.dataset={spec!r} does not exist; give an existing file or directory, "
                           "a Hugging Face hub dataset name, or 'bundled'")
     return Source(spec=spec, builder=spec, data_files=(), config_name=data.dataset_config, split=data.split,
-                  text_column=data.text_column)
+                  text_column=data.text_column, key=key)

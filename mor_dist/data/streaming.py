@@ -14,7 +14,7 @@ from datasets.distributed import split_dataset_by_node
 
 from mor_dist.layout import micro_batches_per_step
 from mor_dist.data.packing import TokenBuffer, join_documents, make_batch
-from mor_dist.data.sources import Source
+from mor_dist.data.mixture import Corpus
 from mor_dist.data.split import is_validation
 from mor_dist.data.tokenizer import Tokenizer
 
@@ -25,7 +25,7 @@ def document_tokens(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return join_documents(ids, np.array([len(ids)]), tokenizer.eos_id)
 
 
-def training_stream(source: Source, validation_fraction: float, seed: int, dp_rank: int, dp_size: int,
+def training_stream(source: Corpus, validation_fraction: float, seed: int, dp_rank: int, dp_size: int,
                     shuffle_buffer: int) -> IterableDataset:
     """One DP rank's training documents: without the held-out ones; whole shards per rank when the shard count
     divides by dp_size (each rank reads only its files), else every dp_size-th record; shuffled in a buffer of
@@ -39,7 +39,7 @@ def training_stream(source: Source, validation_fraction: float, seed: int, dp_ra
 class StreamingTrainIterator:
     """Endless micro-batches of one DP rank from a stream; each pass over the stream is one epoch."""
 
-    def __init__(self, source: Source, tokenizer: Tokenizer, seq_length: int, validation_fraction: float,
+    def __init__(self, source: Corpus, tokenizer: Tokenizer, seq_length: int, validation_fraction: float,
                  seed: int, dp_rank: int, dp_size: int, micro_batch_size: int, global_batch_size: int,
                  shuffle_buffer: int = 0) -> None:
         if not 0 <= dp_rank < dp_size:
@@ -68,7 +68,7 @@ class StreamingTrainIterator:
             record = next(self._records, None)
             if record is None:
                 if self._whole_pass and self._read == 0:
-                    raise RuntimeError(f"data.dataset={self._source.spec!r} has no training documents for "
+                    raise RuntimeError(f"{self._source.label} has no training documents for "
                                        f"data-parallel rank {self._dp_rank} of {self._dp_size}")
                 self._epoch, self._records = self._epoch + 1, None
                 continue
@@ -100,7 +100,7 @@ class StreamingTrainIterator:
         self._records, self._whole_pass, self._read = iter(self._stream), state["stream"] is None, 0
 
 
-def validation_rows(source: Source, tokenizer: Tokenizer, seq_length: int, validation_fraction: float, seed: int,
+def validation_rows(source: Corpus, tokenizer: Tokenizer, seq_length: int, validation_fraction: float, seed: int,
                     num_rows: int) -> np.ndarray:
     """The first `num_rows` packed rows of the held-out documents of a stream (fewer if it ends)."""
     buffer = TokenBuffer(seq_length + 1)
