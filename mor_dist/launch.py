@@ -156,7 +156,9 @@ def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool 
     start = choose_start(cfg, run_dir, resume_from, start_over)
     if start.checkpoint is not None:
         phase(f"resuming from {start.checkpoint} (step {start.step})")
-    phase(f"preparing data: data.dataset={cfg.data.dataset}, tokenizer {cfg.data.tokenizer}")
+    what = (f"data.mixture of {len(cfg.data.mixture)} sources" if cfg.data.mixture
+            else f"data.dataset={cfg.data.dataset}")
+    phase(f"preparing data: {what}, tokenizer {cfg.data.tokenizer}")
     prepared = prepare_data(cfg, storage / "cache")  # bad data fails here, before any worker
     phase(prepared.describe())
     vocab = vocab_for(cfg, prepared.vocab_size, start.saved)

@@ -164,3 +164,23 @@ def test_scaling_curves_measure_every_model_at_every_length(world, tmp_path):
     args = scaling.parse_args(["--width", "32", "--tokens-per-step", "512"])  # what each child process measures
     small, large = scaling.child_peak(args, "mor-2", 64), scaling.child_peak(args, "vanilla", 256)
     assert 0 < small < large  # four times the activations (and a deeper model)
+
+
+def test_inference_curves_measure_mor_and_vanilla_at_every_point(tmp_path, capsys):
+    from mor_dist.bench import inference_curves
+
+    argv = ["--recursions", "2", "--batches", "2", "4", "--mean-lens", "4", "12", "--mean-len", "6", "--at-batch", "2",
+            "--waves", "2", "--repeats", "1", "model.num_layers=8", "--json", str(tmp_path / "c.json"),
+            "--plot", str(tmp_path / "c.png")]
+    assert inference_curves.main(argv) == 0
+    records = json.loads((tmp_path / "c.json").read_text())["records"]
+    assert {(r["curve"], r["batch"], r["mean_len"], r["model"]) for r in records} == {
+        (curve, b, m, model) for curve, b, m in (("batch", 2, 6), ("batch", 4, 6), ("length", 2, 4), ("length", 2, 12))
+        for model in ("vanilla-8", "MoR-2")}
+    mor = {(r["curve"], r["batch"], r["mean_len"]): r for r in records if r["model"] == "MoR-2"}
+    assert mor[("length", 2, 12)]["kv_bytes_per_sequence"] > mor[("length", 2, 4)]["kv_bytes_per_sequence"]
+    # 8 layers: 2 outside the shared block, 3 block layers x 2 recursions holding (2+1)/(2*2) of vanilla's KV
+    assert mor[("batch", 2, 6)]["paper_kv_vs_vanilla"] == pytest.approx((2 + 6 * 0.75) / 8)
+    assert all(0 < r["kv_vs_vanilla"] < 1 and 1 < r["mean_depth"] < 2 for r in mor.values())
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| length | 2 | 12 | MoR-2 |" in capsys.readouterr().out
