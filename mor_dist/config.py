@@ -408,6 +408,19 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_storage(storage_path: str) -> None:
+    """A directory path: a URI would otherwise become a local folder named after its scheme (`./s3:/bucket`)."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", storage_path)
+    if scheme is None:
+        return
+    if scheme.group(1) == "file":
+        raise ConfigError(f"run.storage_path={storage_path}: give the directory itself, e.g. "
+                          f"run.storage_path={storage_path[len('file://'):] or '/'}")
+    raise ConfigError(f"run.storage_path={storage_path}: object-store URIs are not supported yet; give a directory "
+                      "every node can reach (a shared volume: NFS, a PersistentVolumeClaim, a bucket mounted with "
+                      "gcsfuse or mountpoint-s3)")
+
+
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@,-]{0,199}")
 
 
@@ -498,6 +511,7 @@ def validate(cfg: JobConfig) -> None:
     if m.vocab_size is not None:
         _require(m.vocab_size % p.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}")
     _validate_run_name(cfg.run.name)
+    _validate_storage(cfg.run.storage_path)
     _validate_dataset(cfg.data.dataset, "data.dataset")
     _validate_mixture(cfg.data)
     _require(cfg.data.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0 documents, got {cfg.data.shuffle_buffer}")

@@ -1,0 +1,183 @@
+"""Multi-node Ray on one machine: `python scripts/multinode_check.py [--layouts dp2 tp2pp2] [--out DIR]`.
+
+For each layout it starts a real two-node Ray cluster here (`ray start --head` and a second
+`ray start --address ...` node, each with half of the job's CPUs, so Ray Train must place workers on
+both), then submits `jobs/pretrain.py` with `ray job submit` twice: uninterrupted, and again with the
+second node's raylet killed (SIGKILL) after step 6 was logged (checkpoints every 4 steps). That
+takes the node's workers with it; the node is started again a few seconds later and Ray Train
+restarts the workers from the newest whole checkpoint. It checks that workers ran on both nodes,
+that the killed run said it restarted from step 4, and that every step's loss equals the
+uninterrupted run's. Exits 1 on any failure. About 10 minutes on 2 cores; stops every Ray process
+on this machine (`ray stop`) before and after, so run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from recovery_demo import interesting, losses, steps_logged
+
+ROOT = Path(__file__).resolve().parent.parent
+LAYOUTS = {"dp2": ["parallel.dp=2"], "tp2pp2": ["parallel.tp=2", "parallel.pp=2"]}
+COMMON = ["train.micro_batch_size=4", "train.steps=12", "train.checkpoint_interval=4", "train.log_interval=1", "train.eval_interval=-1",
+          "train.decay_fraction=0", "run.max_failures=3"]
+KILL_AFTER_STEP = 6
+RESTART_AFTER_S = 5.0
+ENV = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONWARNINGS": "ignore",
+       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # the job's `python`
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The `ray` CLI of this environment."""
+    done = subprocess.run([str(Path(sys.executable).parent / "ray"), *args], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+    if check and done.returncode != 0:
+        raise SystemExit(f"ray {' '.join(args)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return done
+
+
+class Cluster:
+    """A head node and a second node on this machine, each with `cpus` CPUs."""
+
+    def __init__(self, cpus: int) -> None:
+        self.cpus, self.gcs, self.dashboard = cpus, free_port(), free_port()
+        ray("stop", "--force", check=False)
+        # Each node its own temp dir: nodes of one machine otherwise share one runtime-env folder, and one node's
+        # agent deletes the job's working_dir files while the other's job imports them.
+        ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs}", f"--num-cpus={cpus}",
+            f"--temp-dir={tempfile.mkdtemp(prefix='ray-head-')}",
+            "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard}", "--disable-usage-stats")
+        self.second_port = self.start_second()
+
+    def start_second(self) -> int:
+        """Start (or restart) the second node; returns its raylet's port (how its process is found)."""
+        port = free_port()
+        ray("start", f"--address=127.0.0.1:{self.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}",
+            f"--temp-dir={tempfile.mkdtemp(prefix='ray-second-')}",
+            "--num-gpus=0", f"--node-manager-port={port}", "--disable-usage-stats")
+        self.wait_for_nodes(2)
+        return port
+
+    def alive_nodes(self) -> list[dict]:
+        listed = ray("list", "nodes", f"--address=127.0.0.1:{self.gcs}", "--format=json", "--filter", "state=ALIVE",
+                     check=False)
+        return json.loads(listed.stdout) if listed.returncode == 0 and listed.stdout.lstrip().startswith("[") else []
+
+    def wait_for_nodes(self, count: int, timeout: float = 120.0) -> None:
+        deadline = time.time() + timeout
+        while len(self.alive_nodes()) < count:
+            if time.time() > deadline:
+                raise SystemExit(f"the cluster did not reach {count} alive nodes in {timeout:.0f} s")
+            time.sleep(1)
+
+    def worker_nodes(self) -> set[str]:
+        """Node ids of the alive Ray Train workers."""
+        listed = ray("list", "actors", f"--address=127.0.0.1:{self.gcs}", "--format=json", "--filter",
+                     "class_name=RayTrainWorker", "--filter", "state=ALIVE", "--limit=100", check=False)
+        if listed.returncode != 0 or not listed.stdout.lstrip().startswith("["):  # e.g. "No resource in the cluster"
+            return set()
+        return {actor["node_id"] for actor in json.loads(listed.stdout)}
+
+    def kill_second_raylet(self) -> int:
+        """SIGKILL the second node's raylet; returns its pid."""
+        found = subprocess.run(["pgrep", "-f", f"raylet.*node_manager_port={self.second_port}"], capture_output=True,
+                               text=True).stdout.split()
+        if len(found) != 1:
+            raise SystemExit(f"expected one raylet on port {self.second_port}, found {found}")
+        os.kill(int(found[0]), signal.SIGKILL)
+        return int(found[0])
+
+    def submit(self, name: str, storage: Path, overrides: list[str]) -> subprocess.Popen:
+        """`ray job submit` of jobs/pretrain.py (follows the job's logs until it ends)."""
+        cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit",
+               f"--address=http://127.0.0.1:{self.dashboard}", f"--working-dir={ROOT}", "--",
+               "python", "jobs/pretrain.py", *COMMON, *overrides, f"run.name={name}", f"run.storage_path={storage}"]
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+
+    def stop(self) -> None:
+        ray("stop", "--force", check=False)
+
+
+def watch_and_kill(cluster: Cluster, run_dir: Path, notes: dict) -> None:
+    """When step KILL_AFTER_STEP is logged: note the workers' nodes, kill the second raylet, restart the node."""
+    while steps_logged(run_dir) < KILL_AFTER_STEP:
+        notes["nodes_seen"] = max(notes.get("nodes_seen", 0), len(cluster.worker_nodes()))
+        time.sleep(0.5)
+    notes["pid"], notes["killed_at"] = cluster.kill_second_raylet(), time.time()
+    notes["killed_after_step"] = steps_logged(run_dir)
+    time.sleep(RESTART_AFTER_S)
+    cluster.second_port = cluster.start_second()
+    notes["node_back_after_s"] = time.time() - notes["killed_at"]
+
+
+def run_layout(layout: str, out: Path) -> list[str]:
+    """Reference and killed runs of one layout on a fresh two-node cluster; the problems found."""
+    overrides = LAYOUTS[layout]
+    world = 4 if layout == "tp2pp2" else 2
+    cluster = Cluster(world // 2)
+    problems: list[str] = []
+    try:
+        reference = cluster.submit(f"{layout}-uninterrupted", out, overrides)
+        console, _ = reference.communicate(timeout=900)
+        if reference.returncode != 0:
+            return [f"{layout}: the uninterrupted job failed:\n{console[-4000:]}"]
+        name, notes = f"{layout}-killed", {}
+        killed = cluster.submit(name, out, overrides)
+        watcher = threading.Thread(target=watch_and_kill, args=(cluster, out / name, notes), daemon=True)
+        watcher.start()
+        console, _ = killed.communicate(timeout=900)
+        watcher.join(timeout=120)
+    finally:
+        cluster.stop()
+    expected, got = losses(out / f"{layout}-uninterrupted"), losses(out / name)
+    diff = max(abs(got.get(s, float("inf")) - expected[s]) for s in expected)
+    print(f"## {layout}: {world} workers, {world // 2} CPUs on each of two nodes\n")
+    print(f"workers seen on {notes.get('nodes_seen', 0)} node(s); raylet {notes.get('pid')} of the second node "
+          f"killed after step {notes.get('killed_after_step')} was logged; the node was back "
+          f"{notes.get('node_back_after_s', float('nan')):.0f} s later\n\n```")
+    print("\n".join(line for line in interesting(console) if not re.search(r"\bINFO\b", line)))  # not Ray's notes
+    print(f"```\n\nloss at steps 1-{max(expected)}: {sum(got.get(s) == expected[s] for s in expected)} of "
+          f"{len(expected)} bit-identical to the uninterrupted run (max |diff| {diff:.1e})\n", flush=True)
+    if killed.returncode != 0:
+        problems.append(f"{layout}: the killed job failed (exit {killed.returncode}):\n{console[-4000:]}")
+    if notes.get("nodes_seen", 0) < 2:
+        problems.append(f"{layout}: the workers did not run on both nodes")
+    if "restarting the workers from step 4" not in console:
+        problems.append(f"{layout}: no restart from the step-4 checkpoint was reported")
+    if diff > 1e-4 * max(abs(v) for v in expected.values()):
+        problems.append(f"{layout}: losses differ from the uninterrupted run (max |diff| {diff:.1e})")
+    return problems
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=["dp2", "tp2pp2"])
+    parser.add_argument("--out", type=Path, default=None, help="run storage (default: a new temporary directory)")
+    args = parser.parse_args()
+    out = (args.out or Path(tempfile.mkdtemp(prefix="multinode-"))).resolve()
+    print(f"# command: python scripts/multinode_check.py --layouts {' '.join(args.layouts)} --out {out}\n")
+    problems = [p for layout in args.layouts for p in run_layout(layout, out)]
+    print("\n".join(problems) if problems else "every layout recovered with the uninterrupted run's losses")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
