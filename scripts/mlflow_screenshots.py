@@ -48,13 +48,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(port: int, store: Path) -> Iterator[str]:
-    """A local `mlflow server` (sqlite store, local artifacts) for the block; its URL."""
+def mlflow_server(port: int, store: Path, options: list[str] | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[str]:
+    """A local `mlflow server` for the block (default options: sqlite store and artifacts under `store`); its URL."""
     url = f"http://127.0.0.1:{port}"
     log = (store / "server.log").open("a")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                               "--artifacts-destination", str(store / "artifacts")], stdout=log, stderr=log)
+    options = options or ["--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                          "--artifacts-destination", str(store / "artifacts")]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *options, "--host", "127.0.0.1", "--port",
+                               str(port), "--workers", "1"], stdout=log, stderr=log, env=env)
     try:
         for _ in range(120):
             try:

@@ -18,7 +18,6 @@ import json
 import re
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from mlflow_screenshots import free_port
 from recovery_demo import interesting, losses, steps_logged
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,12 +36,6 @@ KILL_AFTER_STEP = 6
 RESTART_AFTER_S = 5.0
 ENV = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONWARNINGS": "ignore",
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # the job's `python`
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -242,12 +242,15 @@ def mlflow_problems(docs: list[Doc]) -> list[str]:
     paths = re.fullmatch(r"mlflow server --backend-store-uri sqlite:///(/\S+) --artifacts-destination (/\S+) "
                          r"--host 0\.0\.0\.0 --port \d+", command)
     shared = re.fullmatch(r"mlflow server --backend-store-uri postgresql\+psycopg2://\S+ --artifacts-destination s3://\S+ "
-                          r"--host 0\.0\.0\.0 --port \d+", command)  # many replicas: database and bucket
+                          r"--app-name basic-auth --host 0\.0\.0\.0 --port \d+", command)  # many users: database, bucket, login
     if shared:
+        login = env_of(pod["containers"][0]).get("MLFLOW_AUTH_CONFIG_PATH", "")
+        if not any(login.startswith(m + "/") for m in mounts):
+            return [f"{where(deployment)}: MLFLOW_AUTH_CONFIG_PATH={login!r} is not in a mounted volume {mounts}"]
         return []
     if not paths or not all(any(p.startswith(m + "/") for m in mounts) for p in paths.groups()):
         return [f"{where(deployment)}: needs `mlflow server --backend-store-uri sqlite:///<volume>/... "
-                f"--artifacts-destination <volume>/... --host 0.0.0.0` (or PostgreSQL and S3), got {command!r} "
+                f"--artifacts-destination <volume>/... --host 0.0.0.0` (or PostgreSQL, S3 and a login), got {command!r} "
                 f"with mounts {mounts}"]
     return []
 
@@ -440,3 +443,49 @@ def test_dockerfile_matches_manifests() -> None:
             for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
                 container = group["template"]["spec"]["containers"][0]
                 assert container["image"].endswith(f"-ray{ray_version}") and container["workingDir"] == workdir, at
+
+
+def test_the_shared_mlflow_server_has_a_login_the_ray_pods_credentials_pass(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """overlays/mlflow-postgres's server command, run here with a local store and folder in place of PostgreSQL and
+    S3: anonymous writes get 401, and the MLflow client gets in with MLFLOW_TRACKING_USERNAME/_PASSWORD, the names
+    every Ray container reads from Secret mor-mlflow-auth."""
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from mlflow import MlflowClient
+
+    docs = rendered("overlays/mlflow-postgres")
+    server = one([d for d in docs if d["metadata"]["name"] == "mor-mlflow"], "Deployment")["spec"]["template"]["spec"]
+    command = server["containers"][0]["command"]
+    login_env = {e["name"] for e in server["containers"][0]["env"]}
+    assert {"MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= login_env
+    for _, spec in cluster_specs(docs):
+        for container in spec["headGroupSpec"]["template"]["spec"]["containers"]:
+            refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
+            assert refs["MLFLOW_TRACKING_USERNAME"] == refs["MLFLOW_TRACKING_PASSWORD"] == "mor-mlflow-auth"
+    options = command[2:command.index("--host")]  # after `mlflow server`: stores and the app
+    options[options.index("--backend-store-uri") + 1] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    options[options.index("--artifacts-destination") + 1] = str(tmp_path / "artifacts")
+    (tmp_path / "basic_auth.ini").write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'users.db'}\nadmin_username = x\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"), "MLFLOW_AUTH_ADMIN_USERNAME":
+           "trainer", "MLFLOW_AUTH_ADMIN_PASSWORD": "a-long-test-password", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"}
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from mlflow_screenshots import free_port, mlflow_server  # the local server the tracking tests use
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    with mlflow_server(free_port(), tmp_path, options, env) as url:
+        anonymous = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/create", method="POST",
+                                           data=b'{"name": "x"}', headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(anonymous, timeout=30)
+        assert refused.value.code == 401
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "a-long-test-password")
+        client = MlflowClient(url)
+        assert client.get_experiment(client.create_experiment("mor-dist")).name == "mor-dist"
