@@ -1,4 +1,4 @@
-"""Ray Train's controller side of a launch: retention after each checkpoint, one line per lost worker."""
+"""Ray Train's controller side of a launch: retention after each checkpoint, one line per restart's cause."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from mor_dist.catalog import prune
 
 
 class Supervisor(UserCallback):
-    """Runs in Ray Train's controller (not the driver): retention after each checkpoint, a line per lost worker."""
+    """Runs in Ray Train's controller (not the driver): retention after each checkpoint, and per restart a line for
+    each cause, naming the workers it took (a lost node takes all of its workers at once)."""
 
     def __init__(self, run_dir: Path, keep_newest: int, protect: list[Path], max_failures: int,
                  start_step: int) -> None:
@@ -33,6 +34,10 @@ class Supervisor(UserCallback):
         self.failures += 1
         if self.failures > self.max_failures:
             return  # final: the driver prints the summary
+        ranks_by_cause: dict[str, list[int]] = {}
         for rank, err in sorted(first_causes(worker_exceptions).items()):
-            print(f"worker rank {rank} lost: {cause(err)}; restarting the workers from step {self.checkpoint_step} "
+            ranks_by_cause.setdefault(cause(err), []).append(rank)
+        for why, ranks in ranks_by_cause.items():
+            who = f"worker rank {ranks[0]}" if len(ranks) == 1 else f"worker ranks {', '.join(map(str, ranks))}"
+            print(f"{who} lost: {why}; restarting the workers from step {self.checkpoint_step} "
                   f"(restart {self.failures} of run.max_failures={self.max_failures})", flush=True)

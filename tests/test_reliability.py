@@ -221,3 +221,20 @@ def test_reinitialising_model_parallel_does_not_pile_up_threads(world):
     for _ in range(4):
         init_model_parallel(cfg.parallel, 1)
     assert thread_count() <= before + 2
+
+
+def test_a_lost_node_is_one_restart_line_naming_its_workers(tmp_path, capsys):
+    """Ray Train's controller reports each restart's cause once, with every worker it took; workers that failed only
+    because a peer vanished are left out."""
+    from ray.exceptions import ActorDiedError
+
+    from mor_dist.supervise import Supervisor
+
+    supervisor = Supervisor(tmp_path, keep_newest=2, protect=[], max_failures=3, start_step=4)
+    supervisor.after_exception(None, {3: ActorDiedError(), 2: ActorDiedError(),
+                                      0: RuntimeError("Connection reset by peer"), 1: ValueError("bad batch")})
+    assert capsys.readouterr().out.splitlines() == [  # by the lowest rank each cause took
+        "worker rank 1 lost: ValueError: bad batch; restarting the workers from step 4 (restart 1 of "
+        "run.max_failures=3)",
+        "worker ranks 2, 3 lost: its process died (killed, out of memory, or its node was lost); restarting the "
+        "workers from step 4 (restart 1 of run.max_failures=3)"]
