@@ -203,7 +203,8 @@ def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool 
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             # Retention is ours (Supervisor): Ray's would delete an explicit --resume-from and damaged evidence.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
-            callbacks=[Supervisor(run_dir, cfg.run.keep_checkpoints, protect, cfg.run.max_failures, start.step)],
+            callbacks=[Supervisor(run_dir, cfg.run.keep_checkpoints, protect, cfg.run.max_failures, start.step,
+                                  payload["launch"])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # per-report INFO stays in log files
         ),
     )

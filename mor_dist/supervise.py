@@ -8,7 +8,7 @@ from typing import Any
 from ray.train import UserCallback
 
 from mor_dist.failures import cause, first_causes
-from mor_dist.catalog import prune
+from mor_dist.catalog import Status, prune, survey
 
 
 class Supervisor(UserCallback):
@@ -16,19 +16,25 @@ class Supervisor(UserCallback):
     each cause, naming the workers it took (a lost node takes all of its workers at once)."""
 
     def __init__(self, run_dir: Path, keep_newest: int, protect: list[Path], max_failures: int,
-                 start_step: int) -> None:
+                 start_step: int, launch: str) -> None:
         self.run_dir = run_dir
         self.keep_newest = keep_newest
         self.protect = protect
         self.max_failures = max_failures
-        self.checkpoint_step = start_step
+        self.start_step = start_step
+        self.launch = launch
         self.failures = 0
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if checkpoint is None:
-            return
-        self.checkpoint_step = int(metrics[0]["step"])
-        prune(self.run_dir, self.keep_newest, self.protect)
+        if checkpoint is not None:
+            prune(self.run_dir, self.keep_newest, self.protect)
+
+    def restart_step(self) -> int:
+        """Where the restarted workers start, as they choose it: the newest checkpoint this launch finished writing
+        (from the manifests; the workers verify it), else the launch's start. Not the last report this callback saw:
+        a worker group can write and upload a checkpoint and fail before its report reaches the controller."""
+        mine = [c for c in survey(self.run_dir, warn=lambda _: None) if c.status is Status.WHOLE and c.launch == self.launch]
+        return mine[0].step if mine else self.start_step
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         self.failures += 1
@@ -37,7 +43,8 @@ class Supervisor(UserCallback):
         ranks_by_cause: dict[str, list[int]] = {}
         for rank, err in sorted(first_causes(worker_exceptions).items()):
             ranks_by_cause.setdefault(cause(err), []).append(rank)
+        step = self.restart_step()
         for why, ranks in ranks_by_cause.items():
             who = f"worker rank {ranks[0]}" if len(ranks) == 1 else f"worker ranks {', '.join(map(str, ranks))}"
-            print(f"{who} lost: {why}; restarting the workers from step {self.checkpoint_step} "
+            print(f"{who} lost: {why}; restarting the workers from step {step} "
                   f"(restart {self.failures} of run.max_failures={self.max_failures})", flush=True)

@@ -223,18 +223,24 @@ def test_reinitialising_model_parallel_does_not_pile_up_threads(world):
     assert thread_count() <= before + 2
 
 
-def test_a_lost_node_is_one_restart_line_naming_its_workers(tmp_path, capsys):
-    """Ray Train's controller reports each restart's cause once, with every worker it took; workers that failed only
-    because a peer vanished are left out."""
+def test_a_lost_node_is_one_restart_line_naming_its_workers_and_the_step_they_restart_from(tmp_path, capsys):
+    """Ray Train's controller reports each restart's cause once, with every worker it took (workers that failed only
+    because a peer vanished are left out), and the step of the newest checkpoint this launch finished writing,
+    whether or not its report arrived before the failure (seen with a node lost in scripts/multinode_check.py)."""
     from ray.exceptions import ActorDiedError
 
     from mor_dist.supervise import Supervisor
 
-    supervisor = Supervisor(tmp_path, keep_newest=2, protect=[], max_failures=3, start_step=4)
+    supervisor = Supervisor(tmp_path, keep_newest=2, protect=[], max_failures=3, start_step=2, launch="L")
+    fake_checkpoint(tmp_path / "checkpoint_4", 4, 1000.0)
+    fake_checkpoint(tmp_path / "checkpoint_8", 8, 1001.0)  # written and uploaded; no report seen
+    fake_checkpoint(tmp_path / "checkpoint_12", 12, 1002.0, finished=1)  # a rank did not finish it
     supervisor.after_exception(None, {3: ActorDiedError(), 2: ActorDiedError(),
                                       0: RuntimeError("Connection reset by peer"), 1: ValueError("bad batch")})
     assert capsys.readouterr().out.splitlines() == [  # by the lowest rank each cause took
-        "worker rank 1 lost: ValueError: bad batch; restarting the workers from step 4 (restart 1 of "
+        "worker rank 1 lost: ValueError: bad batch; restarting the workers from step 8 (restart 1 of "
         "run.max_failures=3)",
         "worker ranks 2, 3 lost: its process died (killed, out of memory, or its node was lost); restarting the "
-        "workers from step 4 (restart 1 of run.max_failures=3)"]
+        "workers from step 8 (restart 1 of run.max_failures=3)"]
+    other = Supervisor(tmp_path, keep_newest=2, protect=[], max_failures=3, start_step=2, launch="another")
+    assert other.restart_step() == 2  # an earlier launch's checkpoints are not where this one restarts
