@@ -3,12 +3,13 @@
 For each layout it starts a real two-node Ray cluster here (`ray start --head` and a second
 `ray start --address ...` node, each with half of the job's CPUs, so Ray Train must place workers on
 both), then submits `jobs/pretrain.py` with `ray job submit` twice: uninterrupted, and again with the
-second node's raylet killed (SIGKILL) after step 6 was logged (checkpoints every 4 steps). That
-takes the node's workers with it; the node is started again a few seconds later and Ray Train
-restarts the workers from the newest whole checkpoint. It checks that workers ran on both nodes,
-that the killed run said it restarted from step 4, and that every step's loss equals the
-uninterrupted run's. Exits 1 on any failure. About 10 minutes on 2 cores; stops every Ray process
-on this machine (`ray stop`) before and after, so run it alone.
+second node lost after step 6 was logged (checkpoints every 4 steps): its raylet and the worker
+processes it started are SIGKILLed at once, as a machine loss would. The node is started again a few
+seconds later and Ray Train restarts the workers from the newest whole checkpoint. It checks that
+workers ran on both nodes, that the killed run said which checkpoint step it restarted from and
+continued at the step after it, and that every step's loss equals the uninterrupted run's. Exits 1
+on any failure. About 8 minutes on 2 cores; stops every Ray process on this machine (`ray stop`)
+before and after, so run it alone.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from recovery_demo import interesting, losses, steps_logged
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYOUTS = {"dp2": ["parallel.dp=2"], "tp2pp2": ["parallel.tp=2", "parallel.pp=2"]}
-COMMON = ["train.micro_batch_size=4", "train.steps=12", "train.checkpoint_interval=4", "train.log_interval=1", "train.eval_interval=-1",
+CHECKPOINT_INTERVAL = 4
+COMMON = ["train.micro_batch_size=4", "train.steps=12", f"train.checkpoint_interval={CHECKPOINT_INTERVAL}", "train.log_interval=1", "train.eval_interval=-1",
           "train.decay_fraction=0", "run.max_failures=3"]
 KILL_AFTER_STEP = 6
 RESTART_AFTER_S = 5.0
@@ -90,14 +92,25 @@ class Cluster:
             return set()
         return {actor["node_id"] for actor in json.loads(listed.stdout)}
 
-    def kill_second_raylet(self) -> int:
-        """SIGKILL the second node's raylet; returns its pid."""
+    def kill_second_node(self) -> int:
+        """SIGKILL the second node's raylet and every process it started (its workers), at once, as a machine loss
+        would (workers outliving their raylet run on for seconds); returns the raylet's pid."""
         found = subprocess.run(["pgrep", "-f", f"raylet.*node_manager_port={self.second_port}"], capture_output=True,
                                text=True).stdout.split()
         if len(found) != 1:
             raise SystemExit(f"expected one raylet on port {self.second_port}, found {found}")
-        os.kill(int(found[0]), signal.SIGKILL)
-        return int(found[0])
+        raylet = int(found[0])
+        tree, pending = [raylet], [raylet]
+        while pending:
+            children = subprocess.run(["pgrep", "-P", str(pending.pop())], capture_output=True, text=True).stdout
+            tree += [int(pid) for pid in children.split()]
+            pending += [int(pid) for pid in children.split()]
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return raylet
 
     def submit(self, name: str, storage: Path, overrides: list[str]) -> subprocess.Popen:
         """`ray job submit` of jobs/pretrain.py (follows the job's logs until it ends)."""
@@ -115,7 +128,7 @@ def watch_and_kill(cluster: Cluster, run_dir: Path, notes: dict) -> None:
     while steps_logged(run_dir) < KILL_AFTER_STEP:
         notes["nodes_seen"] = max(notes.get("nodes_seen", 0), len(cluster.worker_nodes()))
         time.sleep(0.5)
-    notes["pid"], notes["killed_at"] = cluster.kill_second_raylet(), time.time()
+    notes["pid"], notes["killed_at"] = cluster.kill_second_node(), time.time()
     notes["killed_after_step"] = steps_logged(run_dir)
     time.sleep(RESTART_AFTER_S)
     cluster.second_port = cluster.start_second()
@@ -144,8 +157,8 @@ def run_layout(layout: str, out: Path) -> list[str]:
     expected, got = losses(out / f"{layout}-uninterrupted"), losses(out / name)
     diff = max(abs(got.get(s, float("inf")) - expected[s]) for s in expected)
     print(f"## {layout}: {world} workers, {world // 2} CPUs on each of two nodes\n")
-    print(f"workers seen on {notes.get('nodes_seen', 0)} node(s); raylet {notes.get('pid')} of the second node "
-          f"killed after step {notes.get('killed_after_step')} was logged; the node was back "
+    print(f"workers seen on {notes.get('nodes_seen', 0)} node(s); the second node (raylet {notes.get('pid')} and its "
+          f"workers) killed after step {notes.get('killed_after_step')} was logged; the node was back "
           f"{notes.get('node_back_after_s', float('nan')):.0f} s later\n\n```")
     print("\n".join(line for line in interesting(console) if not re.search(r"\bINFO\b", line)))  # not Ray's notes
     print(f"```\n\nloss at steps 1-{max(expected)}: {sum(got.get(s) == expected[s] for s in expected)} of "
@@ -154,8 +167,11 @@ def run_layout(layout: str, out: Path) -> list[str]:
         problems.append(f"{layout}: the killed job failed (exit {killed.returncode}):\n{console[-4000:]}")
     if notes.get("nodes_seen", 0) < 2:
         problems.append(f"{layout}: the workers did not run on both nodes")
-    if "restarting the workers from step 4" not in console:
-        problems.append(f"{layout}: no restart from the step-4 checkpoint was reported")
+    restart = re.search(r" lost: .*; restarting the workers from step (\d+)", console)
+    resumed = re.search(r"step (\d+)/", console[restart.end():]) if restart else None
+    if not restart or int(restart.group(1)) % CHECKPOINT_INTERVAL or not resumed or \
+            int(resumed.group(1)) != int(restart.group(1)) + 1:
+        problems.append(f"{layout}: no restart from a checkpoint, continuing at the step after it, was reported")
     if diff > 1e-4 * max(abs(v) for v in expected.values()):
         problems.append(f"{layout}: losses differ from the uninterrupted run (max |diff| {diff:.1e})")
     return problems
