@@ -12,14 +12,13 @@ vanilla stands the paper's accounting (Tab 2): the shared block holds (N_r+1)/2N
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 from pathlib import Path
 
 import torch
 
 from mor_dist.bench.inference import calibrate, compare, configs, paper_block_ratio, requests
-from mor_dist.bench.report import GPU_MISSING, block, environment
+from mor_dist.bench.report import GPU_MISSING, block, environment, save_curves
 from mor_dist.cmdline import command, positive_int
 from mor_dist.inference.generation import build_single
 
@@ -146,11 +145,7 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     records = measure(args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": argv, "records": records}, indent=1))
-    if args.plot:
-        plot(records, args.plot)
+    save_curves(records, argv, args.json, args.plot, plot)
     on_cuda = torch.cuda.is_available()
     print(block("Inference curves", environment(on_cuda), "python jobs/benchmark.py inference-curves " +
                 " ".join(shlex.quote(a) for a in argv), table(records), [] if on_cuda else [GPU_MISSING]))

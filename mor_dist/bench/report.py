@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import json
 import platform
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -91,6 +92,16 @@ def block(title: str, env: str, command: str, table: str, notes: list[str]) -> s
 
 def table(rows: list[Row]) -> str:
     return "\n".join([HEADER] + [row.markdown() for row in rows])
+
+
+def save_curves(records: list[dict], argv: list[str], json_path: Optional[Path], plot_path: Optional[Path],
+                plot: Callable[[list[dict], Path], None]) -> None:
+    """A curve benchmark's measurements as JSON (with the command's arguments) and its plot, where asked for."""
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"command": argv, "records": records}, indent=1))
+    if plot_path:
+        plot(records, plot_path)
 
 
 def append_under(path: Path, text: str, section: str = SECTION) -> None:

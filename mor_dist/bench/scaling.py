@@ -11,7 +11,6 @@ FLOPs predict (model/flops.py), so the plot shows whether the speed follows the 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import psutil
 import torch
 
 from mor_dist.bench.harness import init_world, reset_memory
-from mor_dist.bench.report import GPU_MISSING, block, environment
+from mor_dist.bench.report import GPU_MISSING, block, environment, save_curves
 from mor_dist.bench.train import Contender, interleave, prepare
 from mor_dist.cmdline import command, positive_int
 from mor_dist.config import REPO_ROOT, JobConfig, load_config
@@ -174,11 +173,7 @@ def main(argv: list[str]) -> int:
         print(child_peak(args, args.child[0], int(args.child[1])))
         return 0
     records = measure(args, argv)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": argv, "records": records}, indent=1))
-    if args.plot:
-        plot(records, args.plot)
+    save_curves(records, argv, args.json, args.plot, plot)
     on_cuda = torch.cuda.is_available()
     notes = [] if on_cuda else [GPU_MISSING + " CPU memory: in a child process per model, the highest resident "
                                 "memory (sampled every millisecond) while it was built and trained, above what the "
