@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,20 +55,26 @@ class Cluster:
 
     def __init__(self, cpus: int) -> None:
         self.cpus, self.gcs, self.dashboard = cpus, free_port(), free_port()
+        self.temp_dirs: list[str] = []
         ray("stop", "--force", check=False)
         # Each node its own temp dir: nodes of one machine otherwise share one runtime-env folder, and one node's
         # agent deletes the job's working_dir files while the other's job imports them.
         ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs}", f"--num-cpus={cpus}",
-            f"--temp-dir={tempfile.mkdtemp(prefix='ray-head-')}",
+            f"--temp-dir={self.temp_dir('head')}",
             "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard}", "--disable-usage-stats")
         self.second_port = self.start_second()
+
+    def temp_dir(self, role: str) -> str:
+        """A fresh temp dir for one node's Ray session (Ray's logs: kept when a check fails)."""
+        self.temp_dirs.append(tempfile.mkdtemp(prefix=f"ray-{role}-"))
+        return self.temp_dirs[-1]
 
     def start_second(self) -> int:
         """Start (or restart) the second node; returns its raylet's port (how its process is found)."""
         port = free_port()
         ray("start", f"--address=127.0.0.1:{self.gcs}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}",
-            f"--temp-dir={tempfile.mkdtemp(prefix='ray-second-')}",
+            f"--temp-dir={self.temp_dir('second')}",
             "--num-gpus=0", f"--node-manager-port={port}", "--disable-usage-stats")
         self.wait_for_nodes(2)
         return port
@@ -122,9 +129,13 @@ class Cluster:
     def stop(self) -> None:
         ray("stop", "--force", check=False)
 
+    def remove_logs(self) -> None:
+        for directory in self.temp_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+
 
 def watch_and_kill(cluster: Cluster, run_dir: Path, notes: dict) -> None:
-    """When step KILL_AFTER_STEP is logged: note the workers' nodes, kill the second raylet, restart the node."""
+    """When step KILL_AFTER_STEP is logged: note the workers' nodes, lose the second node, start it again."""
     while steps_logged(run_dir) < KILL_AFTER_STEP:
         notes["nodes_seen"] = max(notes.get("nodes_seen", 0), len(cluster.worker_nodes()))
         time.sleep(0.5)
@@ -145,7 +156,7 @@ def run_layout(layout: str, out: Path) -> list[str]:
         reference = cluster.submit(f"{layout}-uninterrupted", out, overrides)
         console, _ = reference.communicate(timeout=900)
         if reference.returncode != 0:
-            return [f"{layout}: the uninterrupted job failed:\n{console[-4000:]}"]
+            return [f"{layout}: the uninterrupted job failed:\n{console[-4000:]}\nRay's logs: {cluster.temp_dirs}"]
         name, notes = f"{layout}-killed", {}
         killed = cluster.submit(name, out, overrides)
         watcher = threading.Thread(target=watch_and_kill, args=(cluster, out / name, notes), daemon=True)
@@ -174,6 +185,10 @@ def run_layout(layout: str, out: Path) -> list[str]:
         problems.append(f"{layout}: no restart from a checkpoint, continuing at the step after it, was reported")
     if diff > 1e-4 * max(abs(v) for v in expected.values()):
         problems.append(f"{layout}: losses differ from the uninterrupted run (max |diff| {diff:.1e})")
+    if problems:
+        problems.append(f"{layout}: Ray's logs are kept in {cluster.temp_dirs}")
+    else:
+        cluster.remove_logs()
     return problems
 
 
