@@ -70,11 +70,11 @@ def configs(args: argparse.Namespace, n: int) -> tuple[JobConfig, JobConfig]:
     return mor, vanilla
 
 
-def requests(args: argparse.Namespace, bos: int) -> list[Request]:
+def requests(count: int, mean_len: int, std_frac: float, seed: int, bos: int) -> list[Request]:
     """No prompt; lengths ~ N(mean, std_frac * mean), clipped to [1, 2 * mean]."""
-    gen = torch.Generator().manual_seed(args.seed)
-    lengths = torch.normal(float(args.mean_len), args.std_frac * args.mean_len, (args.requests,), generator=gen)
-    return [Request([bos], int(min(max(1, round(x)), 2 * args.mean_len))) for x in lengths.tolist()]
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.normal(float(mean_len), std_frac * mean_len, (count,), generator=gen)
+    return [Request([bos], int(min(max(1, round(x)), 2 * mean_len))) for x in lengths.tolist()]
 
 
 def sampler() -> Sampler:
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Every MoR-N against its vanilla; one row per (N, batch setting)."""
     on_cuda = torch.cuda.is_available()
     vocab = args.vocab or (49152 if args.preset == "360m" else 512)
-    reqs = requests(args, bos=0)
+    reqs = requests(args.requests, args.mean_len, args.std_frac, args.seed, bos=0)
     warm = reqs[:args.warmup_requests]
     max_len = 1 + max(r.max_new_tokens for r in reqs)
     rows = []

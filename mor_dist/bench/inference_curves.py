@@ -19,8 +19,9 @@ import torch
 
 from mor_dist.bench.inference import calibrate, compare, configs, paper_block_ratio, requests
 from mor_dist.bench.report import GPU_MISSING, block, environment, save_curves
-from mor_dist.cmdline import command, positive_int
+from mor_dist.cmdline import command, non_negative_float, positive_int
 from mor_dist.inference.generation import build_single
+from mor_dist.inference.scheduler import Request
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -38,7 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--at-batch", type=positive_int, default=32 if gpu else 16, help="batch of the length curve")
     p.add_argument("--waves", type=positive_int, default=4, help="requests per point = waves x batch")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed rounds per point, models interleaved")
-    p.add_argument("--std-frac", type=float, default=0.25, help="length standard deviation / mean")
+    p.add_argument("--std-frac", type=non_negative_float, default=0.25, help="length standard deviation / mean")
     p.add_argument("--kv-sharing", action="store_true", help="MoR with recursive KV sharing")
     p.add_argument("--vocab", type=positive_int, default=None, help="vocabulary (default: 49152 for 360m, 512 for tiny)")
     p.add_argument("--threads", type=positive_int, default=None if gpu else 1, help="torch CPU threads")
@@ -55,10 +56,9 @@ def points(args: argparse.Namespace) -> list[tuple[str, int, int]]:
             [("length", args.at_batch, m) for m in args.mean_lens])
 
 
-def queue(args: argparse.Namespace, batch: int, mean_len: int) -> list:
+def queue(args: argparse.Namespace, batch: int, mean_len: int) -> list[Request]:
     """waves x batch prompt-free requests of this mean length (the inference benchmark's distribution)."""
-    return requests(argparse.Namespace(seed=args.seed, mean_len=mean_len, std_frac=args.std_frac,
-                                       requests=args.waves * batch), bos=0)
+    return requests(args.waves * batch, mean_len, args.std_frac, args.seed, bos=0)
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
