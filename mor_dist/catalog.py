@@ -1,6 +1,7 @@
 """The checkpoints of a run directory: which are whole, which to resume from, which retention may delete.
 
-File operations only (no torch), so the driver, Ray Train's controller and rank 0 share them. Every
+File operations only (no torch), so the driver, Ray Train's controller and rank 0 share them; they go
+through `location`, so a run directory may be local or in an object store (s3://...). Every
 rank of a checkpoint writes its shards, then a manifest of what it wrote (sizes and CRC32s). A
 checkpoint is whole when the manifests of all its ranks are present and every listed file matches;
 it is partial when a rank did not finish writing, damaged when a listed file is missing, truncated
@@ -14,7 +15,6 @@ import enum
 import errno
 import json
 import os
-import shutil
 import time
 import zlib
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from mor_dist.errors import ConfigError
+from mor_dist.location import Location, Where, locate
 
 MANIFEST = "manifest.rank{}.json"
 KEEP = "KEEP"  # a file in a checkpoint directory that retention respects; it holds the reason
@@ -42,7 +43,7 @@ class Status(str, enum.Enum):
 class Checkpoint:
     """One checkpoint directory, as inspected."""
 
-    path: Path
+    path: Location
     status: Status
     problem: Optional[str]  # why it is not whole (None when whole)
     step: Optional[int]  # from rank 0's manifest, when readable
@@ -60,7 +61,7 @@ class ReadFailed(OSError):
     """Storage failed to read a file READ_TRIES times."""
 
 
-def _retrying(read: Callable[[], Any], path: Path, warn: Callable[[str], None]) -> Any:
+def _retrying(read: Callable[[], Any], path: Location, warn: Callable[[str], None]) -> Any:
     """read(), retried with backoff on I/O errors other than a missing file (storage can fail transiently)."""
     for attempt in range(READ_TRIES):
         try:
@@ -75,10 +76,10 @@ def _retrying(read: Callable[[], Any], path: Path, warn: Callable[[str], None]) 
     raise AssertionError("unreachable")
 
 
-def checksum(path: Path) -> tuple[int, int]:
+def checksum(path: Where) -> tuple[int, int]:
     """(size, CRC32) of a file, read in blocks."""
     size, crc = 0, 0
-    with open(path, "rb") as handle:
+    with locate(path).open_input() as handle:
         while block := handle.read(BLOCK):
             size += len(block)
             crc = zlib.crc32(block, crc)
@@ -103,20 +104,21 @@ def write_manifest(directory: Path, rank: int, manifest: dict[str, Any]) -> None
     os.replace(partial, final)
 
 
-def read_manifest(directory: Path, rank: int = 0, warn: Callable[[str], None] = print) -> dict[str, Any]:
+def read_manifest(directory: Where, rank: int = 0, warn: Callable[[str], None] = print) -> dict[str, Any]:
     """A rank's manifest (default rank 0: step, world size, MLflow run id, run config, padded vocabulary, files)."""
-    path = directory / MANIFEST.format(rank)
+    path = locate(directory) / MANIFEST.format(rank)
     return json.loads(_retrying(path.read_text, path, warn))
 
 
-def _damaged(directory: Path, manifest: dict[str, Any], problem: str) -> Checkpoint:
+def _damaged(directory: Location, manifest: dict[str, Any], problem: str) -> Checkpoint:
     return Checkpoint(directory, Status.DAMAGED, problem, manifest.get("step"),
                       manifest.get("saved_at", 0.0), manifest.get("launch"))
 
 
-def inspect(directory: Path, warn: Callable[[str], None] = print, deep: bool = True) -> Checkpoint:
+def inspect(directory: Where, warn: Callable[[str], None] = print, deep: bool = True) -> Checkpoint:
     """Classify a checkpoint directory; deep=False checks only that every rank's manifest is there."""
-    mtime = directory.stat().st_mtime if directory.exists() else 0.0
+    directory = locate(directory)
+    mtime = directory.mtime() if directory.exists() else 0.0
     first = directory / MANIFEST.format(0)
     head: dict[str, Any] = {}
     try:
@@ -134,6 +136,7 @@ def inspect(directory: Path, warn: Callable[[str], None] = print, deep: bool = T
                                   "finish writing", head.get("step"), head["saved_at"], head.get("launch"))
         if not deep:
             return Checkpoint(directory, Status.WHOLE, None, head.get("step"), head["saved_at"], head.get("launch"))
+        present = directory.files()  # one listing, not a request per file
         for rank in range(head.get("world_size", 1)):
             try:
                 files = read_manifest(directory, rank, warn)["files"] if rank else head["files"]
@@ -141,7 +144,7 @@ def inspect(directory: Path, warn: Callable[[str], None] = print, deep: bool = T
                 return _damaged(directory, head, f"{MANIFEST.format(rank)} is unreadable ({err!r})")
             for rel, (size, crc) in files.items():
                 file = directory / rel
-                if not file.is_file():
+                if rel not in present:
                     return _damaged(directory, head, f"{rel} is missing")
                 have_size, have_crc = _retrying(lambda: checksum(file), file, warn)
                 if have_size != size:
@@ -155,18 +158,18 @@ def inspect(directory: Path, warn: Callable[[str], None] = print, deep: bool = T
                           head.get("launch"))
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
+def checkpoint_dirs(run_dir: Where) -> list[Location]:
     """The `checkpoint_*` directories of a run directory."""
-    return sorted(d for d in run_dir.glob("checkpoint_*") if d.is_dir()) if run_dir.is_dir() else []
+    return [d for d in locate(run_dir).children() if d.name.startswith("checkpoint_") and d.is_dir()]
 
 
-def survey(run_dir: Path, deep: bool = False, warn: Callable[[str], None] = print) -> list[Checkpoint]:
+def survey(run_dir: Where, deep: bool = False, warn: Callable[[str], None] = print) -> list[Checkpoint]:
     """Every checkpoint of a run directory, newest first (by when it was written)."""
     found = [inspect(d, warn, deep) for d in checkpoint_dirs(run_dir)]
     return sorted(found, key=lambda c: (c.saved_at, c.path.name), reverse=True)
 
 
-def newest_whole(run_dir: Path, warn: Callable[[str], None] = print, launch: Optional[str] = None,
+def newest_whole(run_dir: Where, warn: Callable[[str], None] = print, launch: Optional[str] = None,
                  ) -> Optional[Checkpoint]:
     """The most recently written whole checkpoint (of one launch, if given), verified newest first.
 
@@ -184,22 +187,23 @@ def newest_whole(run_dir: Path, warn: Callable[[str], None] = print, launch: Opt
     return None
 
 
-def keep(directory: Path, reason: str) -> None:
+def keep(directory: Where, reason: str) -> None:
     """Exempt a checkpoint from retention (best effort: the storage may be read-only or failing)."""
     try:
-        (directory / KEEP).write_text(reason + "\n")
+        (locate(directory) / KEEP).write_text(reason + "\n")
     except OSError:
         pass
 
 
-def prune(run_dir: Path, keep_newest: int, protect: Iterable[Path] = (), since: Optional[float] = None) -> list[Path]:
+def prune(run_dir: Where, keep_newest: int, protect: Iterable[Where] = (), since: Optional[float] = None,
+          ) -> list[Location]:
     """Retention: delete whole checkpoints beyond the newest `keep_newest`, and partial ones that are older
     than the newest whole one or were left since `since` (the current launch's start: its writers are gone).
 
     Never deletes a protected checkpoint or one holding a KEEP file (damaged, or resumed from
     explicitly). Decided from the manifests alone (no shard is read). Returns what went.
     """
-    protected = {Path(p).resolve() for p in protect}
+    protected = {locate(p) for p in protect}
     listed = survey(run_dir)
     whole = [c for c in listed if c.status is Status.WHOLE]
     newest = whole[0].saved_at if whole else float("-inf")
@@ -207,15 +211,19 @@ def prune(run_dir: Path, keep_newest: int, protect: Iterable[Path] = (), since: 
         c.saved_at < newest or (since is not None and c.saved_at >= since))]
     removed = []
     for entry in doomed:
-        if entry.path.resolve() in protected or (entry.path / KEEP).exists():
+        if entry.path in protected or (entry.path / KEEP).exists():
             continue
-        shutil.rmtree(entry.path, ignore_errors=True)
+        try:
+            entry.path.remove()
+        except OSError:
+            continue  # retention tries again after the next checkpoint
         removed.append(entry.path)
     return removed
 
 
-def not_a_checkpoint(directory: Path) -> Optional[str]:
+def not_a_checkpoint(directory: Where) -> Optional[str]:
     """Why a path given as a checkpoint is not one (a file, a run directory), else None."""
+    directory = locate(directory)
     if not directory.is_dir():
         return f"{directory} is not a checkpoint directory (runs/<name>/checkpoint_<date>_<time>/)"
     if not (directory / MANIFEST.format(0)).is_file() and checkpoint_dirs(directory):
@@ -225,7 +233,7 @@ def not_a_checkpoint(directory: Path) -> Optional[str]:
     return None
 
 
-def verify(directory: Path, warn: Callable[[str], None] = print) -> Optional[str]:
+def verify(directory: Where, warn: Callable[[str], None] = print) -> Optional[str]:
     """None when `directory` is a whole checkpoint, else why not."""
     problem = not_a_checkpoint(directory)
     if problem is not None:
@@ -235,7 +243,7 @@ def verify(directory: Path, warn: Callable[[str], None] = print) -> Optional[str
 
 
 def resolve_checkpoint(path: Path, warn: Callable[[str], None] = print) -> Path:
-    """A checkpoint directory given directly, or a run directory's newest whole checkpoint (said on `warn`)."""
+    """A local checkpoint directory given directly, or a run directory's newest whole checkpoint (said on `warn`)."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory; give a run directory (runs/<name>) or one of its "
@@ -246,4 +254,4 @@ def resolve_checkpoint(path: Path, warn: Callable[[str], None] = print) -> Path:
     if found is None:
         raise ConfigError(f"{path} has no whole checkpoint: {[c.describe for c in survey(path, warn=warn)]}")
     warn(f"using {found.path} (step {found.step}), the newest whole checkpoint of {path}")
-    return found.path
+    return found.path.local

@@ -408,17 +408,16 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")  # what pyarrow.fs opens by URI
+
+
 def _validate_storage(storage_path: str) -> None:
-    """A directory path: a URI would otherwise become a local folder named after its scheme (`./s3:/bucket`)."""
+    """A directory or a URI pyarrow.fs opens (as Ray Train does): another scheme would otherwise become a local
+    folder named after it (`./foo:/bucket`)."""
     scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", storage_path)
-    if scheme is None:
-        return
-    if scheme.group(1) == "file":
-        raise ConfigError(f"run.storage_path={storage_path}: give the directory itself, e.g. "
-                          f"run.storage_path={storage_path[len('file://'):] or '/'}")
-    raise ConfigError(f"run.storage_path={storage_path}: object-store URIs are not supported yet; give a directory "
-                      "every node can reach (a shared volume: NFS, a PersistentVolumeClaim, a bucket mounted with "
-                      "gcsfuse or mountpoint-s3)")
+    if scheme is not None and scheme.group(1).lower() not in STORAGE_SCHEMES:
+        raise ConfigError(f"run.storage_path={storage_path}: pyarrow cannot open {scheme.group(1)}:// URIs; give a "
+                          f"directory or a URI of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@,-]{0,199}")

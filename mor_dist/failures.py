@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Optional
 
 from mor_dist.catalog import Status, survey
+from mor_dist.location import Where
 
 
 class TrainingFailed(Exception):
@@ -45,12 +45,12 @@ def first_causes(failures: dict[int, BaseException]) -> dict[int, BaseException]
     return primary or failures
 
 
-def newest_complete(run_dir: Path) -> Optional[Any]:
+def newest_complete(run_dir: Where) -> Optional[Any]:
     """The newest checkpoint whose every rank finished writing (manifests only; nothing re-read)."""
     return next((c for c in survey(run_dir, warn=lambda _: None) if c.status is Status.WHOLE), None)
 
 
-def failure_summary(err: BaseException, run_dir: Path) -> TrainingFailed:
+def failure_summary(err: BaseException, run_dir: Where) -> TrainingFailed:
     """What failed, the last good checkpoint, and how to resume, before Ray's own error text."""
     failures = first_causes(getattr(err, "worker_failures", None) or {})
     lines = ["training failed:"]

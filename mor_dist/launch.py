@@ -18,6 +18,7 @@ from mor_dist.resume import RunComplete, choose_start, start_fresh
 from mor_dist.storage import check_room, check_writable
 from mor_dist.failures import TrainingFailed, failure_summary
 from mor_dist.catalog import prune, read_manifest
+from mor_dist.location import Location, Where, locate
 
 # Reach every worker through the runtime environment (they must be set before CUDA/NCCL start).
 WORKER_ENV = {
@@ -35,16 +36,20 @@ __all__ = ["RunComplete", "TrainingFailed", "dry_run", "launch"]
 class LaunchResult:
     """Where a finished run's outputs are."""
 
-    run_dir: Path
+    run_dir: Location
     checkpoint: Optional[str]
     tracking_uri: str
     metrics: dict
     run_id: Optional[str] = None  # the MLflow run
 
 
-def run_paths(cfg: JobConfig) -> tuple[Path, Path]:
-    """(storage root, run directory) as absolute paths."""
-    storage = Path(cfg.run.storage_path).expanduser().resolve()
+def run_paths(cfg: JobConfig) -> tuple[Location, Location]:
+    """(storage root, run directory): absolute paths, or URIs pyarrow opens."""
+    try:
+        storage = locate(cfg.run.storage_path)
+    except (OSError, ValueError) as err:  # pyarrow refuses unknown options and unreachable stores
+        raise ConfigError(f"run.storage_path={cfg.run.storage_path} cannot be opened ({err}); check the URI and its "
+                          "options (e.g. s3://bucket/runs?endpoint_override=host:9000&scheme=http)") from err
     return storage, storage / cfg.run.name
 
 
@@ -126,13 +131,14 @@ def dry_run(cfg: JobConfig) -> str:
     return "\n".join(summarize(cfg, vocab).lines(cfg))
 
 
-def _forget_previous_launch(run_dir: Path) -> None:
+def _forget_previous_launch(run_dir: Location) -> None:
     """Each launch is a new Ray Train run in the same directory: the launch decides where it starts, so Ray's
     record of the previous launch's checkpoints must not hand them to this launch's workers."""
-    (run_dir / RAY_SNAPSHOT).unlink(missing_ok=True)
+    if (run_dir / RAY_SNAPSHOT).exists():
+        (run_dir / RAY_SNAPSHOT).remove()
 
 
-def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool = False) -> LaunchResult:
+def launch(cfg: JobConfig, resume_from: Optional[Where] = None, start_over: bool = False) -> LaunchResult:
     """Check storage and cluster, pick the start, prepare data on the driver, run the workers."""
     phase(f"run '{cfg.run.name}': checking storage, cluster and layout")
     remote = bool(os.environ.get("RAY_ADDRESS"))
@@ -141,6 +147,7 @@ def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mor_dist.data import prepare_data
+    from mor_dist.data.cache import cache_root, share
     from mor_dist.supervise import Supervisor
     from mor_dist.tracking.experiment import prepare_experiment, tracking_uri
     from mor_dist.tracking.metadata import parameter_count, source_tags
@@ -148,6 +155,8 @@ def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool 
 
     storage, run_dir = run_paths(cfg)
     check_writable(storage)
+    if cfg.tracking.enabled:
+        tracking_uri(cfg, run_dir)  # refuses MLflow's default sqlite store in an object store, before any work
     if remote:
         phase(f"joining the Ray cluster at {os.environ['RAY_ADDRESS']}")
     resources = connect_ray() if remote else local_resources(cfg)  # joining a cluster is cheap; starting one is not
@@ -159,7 +168,7 @@ def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool 
     what = (f"data.mixture of {len(cfg.data.mixture)} sources" if cfg.data.mixture
             else f"data.dataset={cfg.data.dataset}")
     phase(f"preparing data: {what}, tokenizer {cfg.data.tokenizer}")
-    prepared = prepare_data(cfg, storage / "cache")  # bad data fails here, before any worker
+    prepared = prepare_data(cfg, cache_root(storage))  # bad data fails here, before any worker
     phase(prepared.describe())
     vocab = vocab_for(cfg, prepared.vocab_size, start.saved)
     phase(check_room(cfg, storage, parameter_count(cfg, vocab)))
@@ -173,16 +182,16 @@ def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool 
     if not remote:
         phase(f"starting Ray: a local cluster with {int(resources['CPU'])} CPUs")
         connect_ray(resources)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir()
     _forget_previous_launch(run_dir)
     protect = [start.checkpoint] if start.checkpoint else []
     payload = {
         "config": cfg.to_dict(),
-        "data_dir": str(prepared.directory),
+        "data_dir": share(prepared.directory, storage),
         "dataset": prepared.manifest,
         "tags": source_tags(sys.argv[0]) if cfg.tracking.enabled else {},  # MLflow's context: only when tracked
         "vocab_size": vocab,
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir),  # a path or a URI: workers and the controller open it with `locate`
         "on_cuda": on_cuda,
         "resume_from": str(start.checkpoint) if start.checkpoint else None,
         "launch": uuid.uuid4().hex[:12],
@@ -199,7 +208,8 @@ def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool 
         torch_config=TorchConfig(backend="nccl" if on_cuda else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=str(storage),
+            storage_path=storage.path,
+            storage_filesystem=storage.fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             # Retention is ours (Supervisor): Ray's would delete an explicit --resume-from and damaged evidence.
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
@@ -217,10 +227,10 @@ def launch(cfg: JobConfig, resume_from: Optional[Path] = None, start_over: bool 
         raise failure_summary(err, run_dir) from err
     finally:
         remove_local_copies(payload["launch"])  # what this node's killed workers left
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    uri = tracking_uri(cfg, run_dir)
+    checkpoint = run_dir / Path(result.checkpoint.path).name if result.checkpoint is not None else None
+    uri = tracking_uri(cfg, run_dir) if cfg.tracking.enabled else ""
     run_id = None
-    if checkpoint is not None and Path(checkpoint).is_dir() and (final := read_manifest(Path(checkpoint))).get("run_id"):
+    if checkpoint is not None and checkpoint.is_dir() and (final := read_manifest(checkpoint)).get("run_id"):
         run_id = final["run_id"]
-        tag_checkpoint(uri, run_id, Path(checkpoint), final["step"])
-    return LaunchResult(run_dir, checkpoint, uri, dict(result.metrics or {}), run_id)
+        tag_checkpoint(uri, run_id, checkpoint, final["step"])
+    return LaunchResult(run_dir, str(checkpoint) if checkpoint else None, uri, dict(result.metrics or {}), run_id)

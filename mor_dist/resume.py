@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from mor_dist.config import JobConfig, state_changes
 from mor_dist.errors import ConfigError
 from mor_dist.catalog import (KEEP, Checkpoint, Status, checkpoint_dirs, inspect, keep, newest_whole,
                                    not_a_checkpoint, read_manifest, survey)
+from mor_dist.location import Location, Where, locate
+from mor_dist.tracking.run_files import METRICS_FILE
 
 START_OVER = "--start-over"
 
@@ -28,7 +29,7 @@ class RunComplete(Exception):
 class Start:
     """A launch's starting point: a verified checkpoint and its manifest, or none (step 0)."""
 
-    checkpoint: Optional[Path]
+    checkpoint: Optional[Location]
     saved: Optional[dict[str, Any]]  # rank 0's manifest of the checkpoint
 
     @property
@@ -36,7 +37,7 @@ class Start:
         return self.saved["step"] if self.saved else 0
 
 
-def _explicit(path: Path) -> Checkpoint:
+def _explicit(path: Where) -> Checkpoint:
     """A --resume-from checkpoint, verified."""
     problem = not_a_checkpoint(path)
     if problem is None:
@@ -47,7 +48,7 @@ def _explicit(path: Path) -> Checkpoint:
     return checked
 
 
-def _none_usable(run_dir: Path, cfg: JobConfig) -> ConfigError:
+def _none_usable(run_dir: Location, cfg: JobConfig) -> ConfigError:
     """The error for a run directory whose checkpoints are all unusable, listing each and why."""
     listed = survey(run_dir, deep=True, warn=lambda _: None)
     for entry in listed:
@@ -59,24 +60,24 @@ def _none_usable(run_dir: Path, cfg: JobConfig) -> ConfigError:
                        f"with {START_OVER} (the old directory is moved aside, nothing is deleted)")
 
 
-def set_aside(run_dir: Path) -> Path:
+def set_aside(run_dir: Location) -> Location:
     """Move a previous attempt's run directory to `<name>.replaced-<time>` beside it."""
     target = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.rename(target)
+    run_dir.move_to(target)
     return target
 
 
-def has_outputs(run_dir: Path) -> bool:
+def has_outputs(run_dir: Location) -> bool:
     """Whether a run directory holds metrics or checkpoints that a fresh start would overwrite."""
-    metrics = run_dir / "metrics.jsonl"
-    return bool(checkpoint_dirs(run_dir)) or (metrics.is_file() and metrics.stat().st_size > 0)
+    return bool(checkpoint_dirs(run_dir)) or (run_dir / METRICS_FILE).size() > 0
 
 
-def choose_start(cfg: JobConfig, run_dir: Path, resume_from: Optional[Path], start_over: bool) -> Start:
+def choose_start(cfg: JobConfig, run_dir: Where, resume_from: Optional[Where], start_over: bool) -> Start:
     """Verify and pick the starting checkpoint once, on the driver; refuse what cannot continue this config."""
+    run_dir = locate(run_dir)
     if resume_from is not None:
         chosen = _explicit(resume_from)
-        if chosen.path.resolve().parent == run_dir.resolve():
+        if chosen.path.parent == run_dir:
             keep(chosen.path, "resumed from explicitly (--resume-from)")
     elif start_over:
         chosen = None
@@ -98,19 +99,20 @@ def choose_start(cfg: JobConfig, run_dir: Path, resume_from: Optional[Path], sta
     return Start(chosen.path, saved)
 
 
-def start_fresh(cfg: JobConfig, run_dir: Path) -> None:
+def start_fresh(cfg: JobConfig, run_dir: Where) -> None:
     """Before step 0: move a previous attempt's outputs aside and rename its MLflow run, so nothing is overwritten."""
     import warnings
 
     from mor_dist.tracking.experiment import TrackingWarning, tracking_uri  # MLflow only when a run starts over
     from mor_dist.tracking.lineage import retire_runs_named
 
+    run_dir = locate(run_dir)
     if not has_outputs(run_dir):
         return
-    uri = tracking_uri(cfg, run_dir)
     moved = set_aside(run_dir)
     print(f"starting run '{cfg.run.name}' again from step 0: its previous outputs are now in {moved}", flush=True)
     if cfg.tracking.enabled:
+        uri = tracking_uri(cfg, run_dir)
         try:
             retire_runs_named(uri, cfg.tracking.experiment, cfg.run.name, f"started over; outputs in {moved}")
         except Exception as err:

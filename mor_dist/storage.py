@@ -1,20 +1,35 @@
-"""run.storage_path checked before anything expensive: a writable directory with room for checkpoints."""
+"""run.storage_path checked before anything expensive: writable, with room for checkpoints (a directory), or an
+object store that accepts writes."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from pathlib import Path
+import uuid
 
 from mor_dist.config import JobConfig
-
 from mor_dist.errors import ConfigError
+from mor_dist.location import Where, locate
 
 GIB = 2**30
 
 
-def check_writable(storage: Path) -> None:
-    """run.storage_path exists (or can be created) as a directory this process can write to."""
+def check_writable(location: Where) -> None:
+    """run.storage_path exists (or can be created) as a directory this process can write to; in an object store,
+    a probe object can be written and deleted."""
+    location = locate(location)
+    if not location.is_local:
+        probe = location / f".write-check-{uuid.uuid4().hex}"
+        try:
+            location.mkdir()  # creates the bucket too, where the URI allows it (allow_bucket_creation=true)
+            probe.write_text("")
+            probe.remove()
+        except OSError as err:
+            raise ConfigError(f"run.storage_path={location} is not writable ({err}); check the bucket, its "
+                              "credentials (e.g. AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS) and the URI's "
+                              "options (e.g. ?endpoint_override=host:port&scheme=http)") from err
+        return
+    storage = location.local
     where = f"run.storage_path={storage}"
     for parent in (storage, *storage.parents):
         if parent.exists() and not parent.is_dir():
@@ -36,10 +51,15 @@ def checkpoint_bytes(cfg: JobConfig, parameters: int) -> int:
     return parameters * per_parameter
 
 
-def check_room(cfg: JobConfig, storage: Path, parameters: int) -> str:
+def check_room(cfg: JobConfig, location: Where, parameters: int) -> str:
     """Refuse when one checkpoint cannot fit; else a line on the free space and what checkpoints need."""
-    free = shutil.disk_usage(storage).free
+    location = locate(location)
     one = checkpoint_bytes(cfg, parameters)
+    if not location.is_local:
+        return (f"storage {location}: an object store (no free space to check); a checkpoint takes about "
+                f"{one / GIB:.2f} GiB ({cfg.run.keep_checkpoints} kept)")
+    storage = location.local
+    free = shutil.disk_usage(storage).free
     kept = one * (cfg.run.keep_checkpoints + 1)  # the kept ones plus the one being written
     line = (f"storage {storage}: {free / GIB:.1f} GiB free; a checkpoint takes about {one / GIB:.2f} GiB "
             f"({cfg.run.keep_checkpoints} kept)")

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ray.train import UserCallback
 
 from mor_dist.failures import cause, first_causes
 from mor_dist.catalog import Status, prune, survey
+from mor_dist.location import Location
 
 
 class Supervisor(UserCallback):
     """Runs in Ray Train's controller (not the driver): retention after each checkpoint, and per restart a line for
     each cause, naming the workers it took (a lost node takes all of its workers at once)."""
 
-    def __init__(self, run_dir: Path, keep_newest: int, protect: list[Path], max_failures: int,
+    def __init__(self, run_dir: Location, keep_newest: int, protect: list[Location], max_failures: int,
                  start_step: int, launch: str) -> None:
         self.run_dir = run_dir
         self.keep_newest = keep_newest

@@ -4,7 +4,9 @@ after each module, with the process's thread count checked there."""
 from __future__ import annotations
 
 import gc
+import logging
 import os
+import uuid
 import warnings
 
 import pytest
@@ -56,3 +58,34 @@ def build(world):
 
 def gpu_available() -> bool:
     return torch.cuda.is_available()
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                  "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto) for the session, its credentials in the environment (so that Ray's
+    workers, started from here, read them as they would a real bucket's); yields its host:port."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in S3_CREDENTIALS.items():
+            env.setenv(key, value)
+        yield f"{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_uri(s3_server):
+    """A fresh bucket's URI on the local S3 server, with the options pyarrow (and Ray) need to reach it."""
+    import pyarrow.fs as pafs
+
+    bucket = f"mor-{uuid.uuid4().hex[:12]}"
+    pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", allow_bucket_creation=True).create_dir(bucket)
+    return f"s3://{bucket}/runs?endpoint_override={s3_server}&scheme=http&region=us-east-1"

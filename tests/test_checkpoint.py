@@ -17,6 +17,7 @@ import torch
 from mor_dist.config import load_config
 from mor_dist.errors import ConfigError
 from mor_dist.catalog import MANIFEST, checkpoint_dirs, newest_whole, read_manifest, verify
+from mor_dist.location import locate
 from multiproc import run_world
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,14 +59,14 @@ def test_damaged_checkpoints_are_detected_and_the_previous_one_used(tp2_run, tmp
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     newest, older = copy / "checkpoint_000004", copy / "checkpoint_000003"
-    assert verify(newest) is None and newest_whole(copy).path == newest
+    assert verify(newest) is None and newest_whole(copy).path.local == newest
 
     shard = max((p for p in newest.rglob("*.distcp")), key=lambda p: p.stat().st_size)
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     warnings: list[str] = []
     assert "truncated" in verify(newest)
-    assert newest_whole(copy, warn=warnings.append).path == older
+    assert newest_whole(copy, warn=warnings.append).path.local == older
     assert any("truncated" in w for w in warnings)
 
     shard.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
@@ -74,7 +75,7 @@ def test_damaged_checkpoints_are_detected_and_the_previous_one_used(tp2_run, tmp
     assert "rank 1 did not finish" in verify(newest)
     (newest / MANIFEST.format(0)).unlink()
     assert "not completely written" in verify(newest)
-    assert newest_whole(copy).path == older
+    assert newest_whole(copy).path.local == older
     assert "is not a checkpoint directory" in verify(copy / "config.yaml")
     assert f"is a run directory, not a checkpoint; its newest checkpoint is {older}" in verify(copy)
 
@@ -212,6 +213,62 @@ def test_killed_worker_recovers_and_rerun_continues(reference_losses, tmp_path):
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["bundled"]
     assert "system/node_0/cpu_utilization_percentage" in run.data.metrics
     assert verify(Path(run.data.tags["checkpoint.path"])) is None
+
+
+@pytest.mark.ray
+def test_a_run_in_an_object_store_checkpoints_recovers_and_resumes(reference_losses, s3_uri, tmp_path):
+    """run.storage_path=s3://... (a local S3-compatible server): checkpoints, the run's files and the prepared data
+    go to the bucket; a worker killed after step 5 restarts from the bucket's step-3 checkpoint, a second launch
+    resumes from step 6, every loss equals an uninterrupted run's, and no local copy is left behind."""
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = BASE + ["parallel.tp=2", "train.decay_fraction=0", "run.name=s3run", "run.max_failures=1",
+                     f"run.storage_path={s3_uri}", "tracking.enabled=true", f"tracking.uri={db}"]
+    env = {"XDG_CACHE_HOME": str(tmp_path / "node-cache")}  # the driver's node-local data cache
+    first = pretrain(*common, "train.steps=6", env={**env, "MOR_DIST_FAULT": f"5:1:{tmp_path / 'killed'}"})
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "restarting the workers from step 3" in first.stdout + first.stderr
+    assert "an object store (no free space to check)" in first.stdout
+    again = pretrain(*common, "train.steps=8", env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    storage = locate(s3_uri)
+    run_dir = storage / "s3run"
+    assert f"resuming from s3://{run_dir.path}/checkpoint_000006_" in again.stdout
+
+    assert sorted(read_manifest(c)["step"] for c in checkpoint_dirs(run_dir) if verify(c) is None) == [3, 6, 8]
+    logged: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss/train_lm" in record:
+            assert record["step"] not in logged
+            logged[record["step"]] = record["loss/train_lm"]
+    assert sorted(logged) == list(range(1, 9))
+    for step, loss in logged.items():
+        assert loss == pytest.approx(reference_losses[step], rel=1e-4), step
+    (entry,) = (storage / "cache").children()
+    assert (entry / "manifest.json").is_file() and (entry / "train.npy").is_file()
+    launch_id = (run_dir / "launch").read_text().strip()
+    assert list(Path(tempfile.gettempdir()).glob(f"mor-ckpt-{launch_id}-*")) == []
+
+    from mlflow import MlflowClient
+
+    (run,) = MlflowClient(db).search_runs([e.experiment_id for e in MlflowClient(db).search_experiments()])
+    assert run.data.tags["checkpoint.step"] == "8" and run.data.tags["checkpoint.path"].startswith(f"s3://{run_dir.path}/")
+    assert verify(run.data.tags["checkpoint.path"]) is None
+
+
+def test_prepared_data_in_an_object_store_reaches_another_node(prepared, s3_uri, tmp_path, monkeypatch):
+    """The driver's prepared data, shared through the bucket, arrives whole in a node's own cache, once."""
+    from mor_dist.data import PreparedData
+    from mor_dist.data.cache import fetch, share
+
+    data, _ = prepared
+    where = share(data.directory, locate(s3_uri))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-node"))
+    local = fetch(where)
+    assert local.is_relative_to(tmp_path / "other-node") and PreparedData.open(local).manifest == data.manifest
+    assert (local / "train.npy").read_bytes() == (data.directory / "train.npy").read_bytes()
+    stamp = (local / "manifest.json").stat().st_mtime_ns
+    assert fetch(where) == local and (local / "manifest.json").stat().st_mtime_ns == stamp  # not downloaded again
 
 
 @pytest.mark.ray

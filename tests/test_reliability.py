@@ -16,6 +16,7 @@ from mor_dist.errors import ConfigError
 from mor_dist.resume import START_OVER, choose_start, start_fresh
 from mor_dist import catalog
 from mor_dist.catalog import KEEP, Status, checksum, inspect, prune, write_manifest
+from mor_dist.location import Location, locate
 
 CPU_ONLY = ["train.steps=4", "train.warmup_steps=1", "tracking.enabled=false"]
 
@@ -39,21 +40,35 @@ def corrupt(checkpoint: Path) -> None:
     shard.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
 
 
-def test_retention_keeps_the_newest_the_protected_and_the_evidence(tmp_path):
-    run = tmp_path / "run"
-    ckpt = {step: fake_checkpoint(run / f"checkpoint_{step}", step, 1000.0 + step) for step in range(1, 6)}
-    keep_note = ckpt[1] / KEEP
-    keep_note.write_text("damaged: evidence\n")
-    old_partial = fake_checkpoint(run / "checkpoint_old_partial", 3, 1003.5, finished=1)
-    new_partial = fake_checkpoint(run / "checkpoint_new_partial", 6, 1006.0, finished=0)
-    assert inspect(old_partial).status is Status.PARTIAL and inspect(new_partial).status is Status.PARTIAL
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path) -> Location:
+    """Where a test's run directories go: a local folder, or a bucket on a local S3-compatible server."""
+    return locate(tmp_path / "storage" if request.param == "local" else request.getfixturevalue("s3_uri"))
 
-    removed = prune(run, keep_newest=2, protect=[ckpt[2]])
+
+def stored(local_run: Path, storage: Location) -> Location:
+    """A run directory built locally, copied to the storage under test."""
+    (storage / local_run.name).upload(local_run)
+    return storage / local_run.name
+
+
+def test_retention_keeps_the_newest_the_protected_and_the_evidence(tmp_path, storage):
+    built = tmp_path / "run"
+    for step in range(1, 6):
+        fake_checkpoint(built / f"checkpoint_{step}", step, 1000.0 + step)
+    (built / "checkpoint_1" / KEEP).write_text("damaged: evidence\n")
+    fake_checkpoint(built / "checkpoint_old_partial", 3, 1003.5, finished=1)
+    fake_checkpoint(built / "checkpoint_new_partial", 6, 1006.0, finished=0)
+    run = stored(built, storage)
+    assert inspect(run / "checkpoint_old_partial").status is Status.PARTIAL
+    assert inspect(run / "checkpoint_new_partial").status is Status.PARTIAL
+
+    removed = prune(run, keep_newest=2, protect=[run / "checkpoint_2"])
     assert sorted(p.name for p in removed) == ["checkpoint_3", "checkpoint_old_partial"]
-    left = sorted(p.name for p in run.iterdir())
+    left = sorted(p.name for p in run.children())
     assert left == ["checkpoint_1", "checkpoint_2", "checkpoint_4", "checkpoint_5", "checkpoint_new_partial"]
     # A partial checkpoint newer than every whole one stays, unless the current launch left it (its writer is gone).
-    assert prune(run, keep_newest=2, protect=[ckpt[2]], since=1005.5) == [new_partial]
+    assert prune(run, keep_newest=2, protect=[run / "checkpoint_2"], since=1005.5) == [run / "checkpoint_new_partial"]
 
 
 def test_transient_read_errors_are_retried_and_never_taken_for_corruption(tmp_path, monkeypatch):
@@ -92,19 +107,20 @@ def test_each_checkpoint_is_read_once_newest_first(tmp_path, monkeypatch):
     monkeypatch.setattr(catalog, "checksum", lambda path: read.append(path) or real(path))
     cfg = load_config(None, CPU_ONLY + ["run.name=run"])
     start = choose_start(cfg, run, None, False)
-    assert start.checkpoint == run / "checkpoint_3" and start.step == 3
+    assert start.checkpoint.local == run / "checkpoint_3" and start.step == 3
     assert sorted(p.parent.name for p in read) == ["checkpoint_3", "checkpoint_3"]  # its two shards, nothing else
 
 
-def test_a_run_with_only_unusable_checkpoints_stops_and_start_over_moves_it_aside(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    run = tmp_path / "r"
-    damaged = fake_checkpoint(run / "checkpoint_a", 3, 1000.0)
-    corrupt(damaged)
-    partial = fake_checkpoint(run / "checkpoint_b", 6, 1001.0, finished=1)
-    (run / "metrics.jsonl").write_text('{"step": 1, "loss/train": 9.0}\n')
-    cfg = load_config(None, CPU_ONLY + ["run.name=r", f"run.storage_path={tmp_path}", "tracking.enabled=true"])
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_a_run_with_only_unusable_checkpoints_stops_and_start_over_moves_it_aside(tmp_path, storage):
+    built = tmp_path / "r"
+    corrupt(fake_checkpoint(built / "checkpoint_a", 3, 1000.0))
+    fake_checkpoint(built / "checkpoint_b", 6, 1001.0, finished=1)
+    (built / "metrics.jsonl").write_text('{"step": 1, "loss/train": 9.0}\n')
+    run = stored(built, storage)
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, CPU_ONLY + ["run.name=r", f"run.storage_path={storage}", "tracking.enabled=true",
+                                        f"tracking.uri={db}"])
+    client = MlflowClient(db)
     old = client.create_run(client.create_experiment("mor-dist", (tmp_path / "art").as_uri()), run_name="r")
 
     with pytest.raises(ConfigError) as err:
@@ -112,14 +128,14 @@ def test_a_run_with_only_unusable_checkpoints_stops_and_start_over_moves_it_asid
     message = str(err.value)
     assert "checkpoint_a (step 3): shard0.bin is corrupted" in message
     assert "checkpoint_b (step 6): lacks manifest.rank1.json" in message and START_OVER in message
-    assert "damaged" in (damaged / KEEP).read_text()
-    assert prune(run, keep_newest=1) == [] and damaged.is_dir()  # the evidence stays
+    assert "damaged" in (run / "checkpoint_a" / KEEP).read_text()
+    assert prune(run, keep_newest=1) == [] and (run / "checkpoint_a").is_dir()  # the evidence stays
 
     assert choose_start(cfg, run, None, True).checkpoint is None
     start_fresh(cfg, run)
-    (moved,) = tmp_path.glob("r.replaced-*")
-    assert not run.exists() and (moved / "metrics.jsonl").is_file() and (moved / "checkpoint_a").is_dir()
-    assert partial.name in {p.name for p in moved.iterdir()}
+    (moved,) = [p for p in storage.children() if p.name.startswith("r.replaced-")]
+    assert not run.exists() and (moved / "metrics.jsonl").is_file()
+    assert [p.name for p in moved.children()] == ["checkpoint_a", "checkpoint_b", "metrics.jsonl"]
     renamed = client.get_run(old.info.run_id)
     assert renamed.info.run_name.startswith("r (replaced ") and renamed.info.status == "KILLED"
 
@@ -132,6 +148,18 @@ def test_bad_storage_is_refused_before_anything_starts(tmp_path):
     for path, needle in ((file, "is a file, not a directory"), (file / "below", "is a file, not a directory")):
         with pytest.raises(ConfigError, match=needle):
             launch(load_config(None, CPU_ONLY + [f"run.storage_path={path}"]))
+
+
+def test_object_store_problems_are_refused_before_anything_starts(s3_uri, monkeypatch):
+    """A bucket that is not there, and MLflow's default sqlite store in an object store, are refused by name."""
+    from mor_dist.launch import launch
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    missing = s3_uri.replace("s3://mor-", "s3://absent-")
+    with pytest.raises(ConfigError, match=r"run.storage_path=s3://absent-.* is not writable .*credentials"):
+        launch(load_config(None, CPU_ONLY + [f"run.storage_path={missing}"]))
+    with pytest.raises(ConfigError, match="MLflow's default sqlite store needs a filesystem; set tracking.uri"):
+        launch(load_config(None, CPU_ONLY + [f"run.storage_path={s3_uri}", "tracking.enabled=true"]))
 
 
 @pytest.fixture

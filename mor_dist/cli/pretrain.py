@@ -17,8 +17,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="jobs/pretrain.py", description=__doc__)
     parser.add_argument("--config", type=Path, default=None, help="YAML run config (default: configs/tiny_mor.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="build the model, print its shape and FLOPs, exit")
-    parser.add_argument("--resume-from", type=Path, default=None,
-                        help="a checkpoint directory to start from (default: the run's newest whole checkpoint)")
+    parser.add_argument("--resume-from", default=None,
+                        help="a checkpoint directory or its URI to start from (default: the run's newest whole checkpoint)")
     parser.add_argument("--start-over", action="store_true",
                         help="start the run again from step 0 although it has checkpoints (its old directory is moved "
                              "aside and its MLflow run renamed; nothing is deleted)")
@@ -35,9 +35,8 @@ def main(argv: list[str]) -> int:
         return 0
     if args.start_over and args.resume_from is not None:
         raise ConfigError("--start-over starts from step 0 and --resume-from from a checkpoint; give one of them")
-    resume = args.resume_from.resolve() if args.resume_from is not None else None  # workers run elsewhere
     try:
-        result = launch(cfg, resume, args.start_over)
+        result = launch(cfg, args.resume_from, args.start_over)  # a path (made absolute) or a URI
     except RunComplete as done:
         print(done)
         return 0
@@ -49,8 +48,11 @@ def main(argv: list[str]) -> int:
     print("\nDone. Outputs:")
     print(f"  run directory   {result.run_dir}")
     print(f"  checkpoint      {result.checkpoint}")
-    print(f"  metrics (local) {result.run_dir / 'metrics.jsonl'}")
-    print(f"  MLflow          {result.tracking_uri}   ({where_to_look(result.tracking_uri, result.run_id)})")
+    print(f"  metrics (file)  {result.run_dir / 'metrics.jsonl'}")
+    if result.tracking_uri:
+        print(f"  MLflow          {result.tracking_uri}   ({where_to_look(result.tracking_uri, result.run_id)})")
+    else:
+        print("  MLflow          off (tracking.enabled=false)")
     final = {k: round(v, 4) for k, v in result.metrics.items() if k in ("loss", "val_loss", "val_ppl")}
     print(f"  final metrics   {final}")
     return 0

@@ -1,13 +1,20 @@
-"""The prepared-data cache: one directory per content identity, a JSON manifest written last."""
+"""The prepared-data cache: one directory per content identity, a JSON manifest written last.
+
+With run.storage_path in an object store the driver prepares into a node-local cache and uploads the
+entry to `<storage>/cache/` (manifest last); each node downloads it once into its own local cache.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from mor_dist.location import Location, locate
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # bump when the layout or the packing rule changes
@@ -39,3 +46,42 @@ def publish(staging: Path, directory: Path, manifest: dict[str, Any]) -> None:
     if directory.exists():
         shutil.rmtree(directory)
     staging.rename(directory)
+
+
+def cache_root(storage: Location) -> Path:
+    """Where the driver prepares data: beside the runs on a filesystem, else this node's own cache."""
+    if storage.is_local:
+        return storage.local / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mor-dist" / "data"
+
+
+def share(entry: Path, storage: Location) -> str:
+    """Where the workers find a prepared entry: the entry itself on a filesystem; in an object store, its copy
+    under `<storage>/cache/` (uploaded once, manifest last, so a half-uploaded copy is never taken as whole)."""
+    if storage.is_local:
+        return str(entry)
+    remote = storage / "cache" / entry.name
+    if not (remote / MANIFEST).is_file():
+        for item in sorted(entry.iterdir(), key=lambda p: p.name == MANIFEST):
+            (remote / item.name).upload(item)
+    return str(remote)
+
+
+def fetch(where: str) -> Path:
+    """A prepared entry on this node: the directory itself, or a copy downloaded once into the local cache (the
+    node's workers share it; a lock keeps them from downloading it twice)."""
+    from filelock import FileLock
+
+    source = locate(where)
+    if source.is_local:
+        return source.local
+    root = cache_root(source.parent.parent)
+    local = root / source.name
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{source.name}.lock")):
+        if read_manifest(local) is None:
+            staging = staging_directory(root, source.name)
+            for item in source.children():
+                item.download(staging / item.name)
+            publish(staging, local, json.loads((staging / MANIFEST).read_text()))
+    return local

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mor_dist.config import JobConfig
+from mor_dist.errors import ConfigError
+from mor_dist.location import Where, locate
 
 # The MLflow UI opens an experiment by this tag: without it, an experiment holding no runs yet opens in GenAI mode.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -19,24 +21,32 @@ class TrackingWarning(RuntimeWarning):
     """Tracking is degraded and training goes on (a RuntimeWarning: jobs and workers silence UserWarnings)."""
 
 
-def tracking_uri(cfg: JobConfig, run_dir: Path) -> str:
-    """tracking.uri, else MLFLOW_TRACKING_URI, else a sqlite store beside the run directory."""
+def tracking_uri(cfg: JobConfig, run_dir: Where) -> str:
+    """tracking.uri, else MLFLOW_TRACKING_URI, else a sqlite store beside the run directory (local storage only:
+    sqlite cannot live in an object store)."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{(run_dir.parent / 'mlflow.db').resolve()}"
+    storage = locate(run_dir).parent
+    if not storage.is_local:
+        raise ConfigError(f"run.storage_path={cfg.run.storage_path} is an object store, and MLflow's default sqlite "
+                          "store needs a filesystem; set tracking.uri (your MLflow server, e.g. "
+                          "tracking.uri=http://mlflow:5000) or MLFLOW_TRACKING_URI, or tracking.enabled=false")
+    return f"sqlite:///{storage.local / 'mlflow.db'}"
 
 
-def artifact_location(uri: str, run_dir: Path) -> Optional[str]:
-    """Where a new experiment keeps artifacts: beside a sqlite store; a server's own default for servers."""
-    if uri.startswith(("http://", "https://", "databricks")):
+def artifact_location(uri: str, run_dir: Where) -> Optional[str]:
+    """Where a new experiment keeps artifacts: beside a sqlite store or a local run directory; a server's (or
+    MLflow's) own default otherwise."""
+    storage = locate(run_dir).parent
+    if uri.startswith(("http://", "https://", "databricks")) or not (uri.startswith("sqlite:///") or storage.is_local):
         return None
-    root = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else run_dir.parent
+    root = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else storage.local
     return (root / "mlflow-artifacts").resolve().as_uri()
 
 
-def ensure_experiment(client: Any, name: str, uri: str, run_dir: Path) -> str:
+def ensure_experiment(client: Any, name: str, uri: str, run_dir: Where) -> str:
     """The id of experiment `name`, created if missing, tagged for model training."""
     from mlflow.exceptions import MlflowException
 
@@ -76,7 +86,7 @@ def open_store(uri: str) -> Any:
     return client
 
 
-def prepare_experiment(cfg: JobConfig, run_dir: Path) -> None:
+def prepare_experiment(cfg: JobConfig, run_dir: Where) -> None:
     """On the driver, before workers start: the store and the experiment exist (created here, not in a Ray
     session directory); an unreachable store only warns, as the workers' tracker does."""
     uri = tracking_uri(cfg, run_dir)

@@ -20,13 +20,9 @@ from mor_dist.tracking.experiment import (MODEL_TRAINING_VIEW, TrackingWarning, 
                                           tracking_uri)
 from mor_dist.tracking.lineage import FORK_STEP, FORKED_FROM, REPLACED_BY, copy_history, last_steps, retire
 from mor_dist.tracking.dataset import dataset_input
+from mor_dist.tracking.run_files import LAUNCH_FILE, METRICS_FILE, REPLACED_FILE, RUN_CONFIG_FILE, VALIDATION_DIR
 from mor_dist.tracking.metadata import metric_name, run_params, run_tags
 from mor_dist.tracking.validation import depth_metrics, depth_plot, depth_table
-
-
-LAUNCH_FILE = "launch"  # the id of the launch that last logged into the run directory
-REPLACED_FILE = "metrics.replaced.jsonl"
-VALIDATION_DIR = "validation"
 
 
 def _last_local_steps(path: Path) -> dict[str, int]:
@@ -85,7 +81,7 @@ class Tracker:
         self.dataset = dataset
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.local = run_dir / "metrics.jsonl"
+        self.local = run_dir / METRICS_FILE
         self.start_step = start_step
         self.replace = not _same_launch(run_dir, launch)
         if self.replace:
@@ -141,7 +137,7 @@ class Tracker:
             client.log_batch(run_id, params=params[i:i + 100])
         if self.dataset is not None:
             client.log_inputs(run_id, datasets=[dataset_input(self.dataset)])
-        config_file = self.run_dir / "config.yaml"
+        config_file = self.run_dir / RUN_CONFIG_FILE
         config_file.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         client.log_artifact(run_id, str(config_file))
         for folder in sorted((self.run_dir / VALIDATION_DIR).glob("step_*")):

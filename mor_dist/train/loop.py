@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -18,11 +19,14 @@ from megatron.core import parallel_state
 
 from mor_dist.config import JobConfig, config_from_dict
 from mor_dist.data import PreparedData
+from mor_dist.data.cache import fetch
+from mor_dist.location import Location, locate
 from mor_dist.model.flops import forward_flops_per_token
 from mor_dist.console import setup_worker_process
 from mor_dist.tracking.experiment import tracking_uri
 from mor_dist.tracking.metadata import host_count
 from mor_dist.tracking.perf import device_peak
+from mor_dist.tracking.run_files import RunFiles
 from mor_dist.tracking.system import start_node_monitor
 from mor_dist.tracking.tracker import Tracker
 from mor_dist.catalog import newest_whole, prune
@@ -32,7 +36,7 @@ from mor_dist.train.step import evaluate, train_step, validation_keys
 from mor_dist.train.trainable import Trainable
 
 
-LOCAL_CHECKPOINT_PREFIX = "mor-ckpt-"
+LOCAL_CHECKPOINT_PREFIX = "mor-ckpt-"  # a launch's local copies: checkpoint parts, the run's files (object stores)
 
 
 def local_checkpoint_dir(launch: str, step: int) -> Path:
@@ -61,6 +65,7 @@ class Hooks:
     node_rank: int = 0  # this node's index in the job (its system metrics' node id)
     tags: dict[str, str] = field(default_factory=dict)  # the launch's MLflow tags (source, commit), from the driver
     dataset: Optional[dict[str, Any]] = None  # the prepared data's manifest, logged as the run's input
+    loaded: Callable[[], None] = lambda: None  # called once the checkpoint is loaded (a downloaded copy can go)
 
 
 def peak_memory_gib() -> float:
@@ -171,6 +176,7 @@ def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
         same_run = extra.get("config", {}).get("run", {}).get("name") == cfg.run.name
         run_id = extra.get("run_id") if same_run else None
         batches.load_state_dict(position)
+        hooks.loaded()
 
     logging_rank = hooks.world_rank == 0
     hosts = host_count()
@@ -242,10 +248,10 @@ def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
         tracker.finish()
 
 
-def _start_point(run_dir: Path, payload: dict[str, Any], restarted: bool) -> Optional[str]:
+def _start_point(run_dir: Location, payload: dict[str, Any], restarted: bool) -> Optional[str]:
     """Rank 0: where this attempt starts. The launch's own start (verified by the driver), unless Ray restarted
     the workers after this launch reported a checkpoint: then the newest whole one of this launch."""
-    prune(run_dir, payload["keep_checkpoints"], [Path(p) for p in [payload["resume_from"]] if p],
+    prune(run_dir, payload["keep_checkpoints"], [p for p in [payload["resume_from"]] if p],
           since=payload["launch_time"])  # what a lost attempt left half-written
     start = payload["resume_from"]
     if restarted:
@@ -265,7 +271,8 @@ def ray_worker(payload: dict[str, Any]) -> None:
     if on_cuda:
         torch.cuda.set_device(ray.train.torch.get_device())
     context = ray.train.get_context()
-    run_dir, launch = Path(payload["run_dir"]), payload["launch"]
+    run_dir, launch = locate(payload["run_dir"]), payload["launch"]
+    files = RunFiles(run_dir, Path(tempfile.gettempdir()) / f"{LOCAL_CHECKPOINT_PREFIX}{launch}-run")
     if context.get_local_rank() == 0:
         remove_local_copies(launch)  # what a killed attempt of this launch left on this node
     # Ray hands a checkpoint to the workers only when it restarts them after this launch reported one
@@ -284,11 +291,25 @@ def ray_worker(payload: dict[str, Any]) -> None:
         except Exception as err:
             if directory is not None:
                 shutil.rmtree(directory, ignore_errors=True)
-            if is_disk_full(err):
-                raise storage_full(run_dir, int(metrics["step"])) from err
+            if is_disk_full(err) and run_dir.is_local:
+                raise storage_full(run_dir.local, int(metrics["step"])) from err
             raise
+        if directory is not None and context.get_world_rank() == 0:
+            files.publish()  # the run's files as of this checkpoint
 
-    hooks = Hooks(context.get_world_rank(), report, lambda step: local_checkpoint_dir(launch, step),
-                  Path(start) if start else None, launch, context.get_local_rank(), context.get_node_rank(),
-                  payload["tags"], payload["dataset"])
-    train(cfg, Path(payload["data_dir"]), payload["vocab_size"], run_dir, on_cuda, hooks)
+    logging = context.get_world_rank() == 0
+    run_files = files.pull() if logging else files.local
+    download = contextlib.ExitStack()
+    try:
+        local_start = None
+        if start:  # from an object store: one download per node, removed once the node's workers have loaded it
+            where = locate(start)
+            local_start = Path(download.enter_context(ray.train.Checkpoint(where.path, where.fs).as_directory()))
+        hooks = Hooks(context.get_world_rank(), report, lambda step: local_checkpoint_dir(launch, step),
+                      local_start, launch, context.get_local_rank(), context.get_node_rank(), payload["tags"],
+                      payload["dataset"], loaded=download.close)
+        train(cfg, fetch(payload["data_dir"]), payload["vocab_size"], run_files, on_cuda, hooks)
+    finally:
+        download.close()
+        if logging:
+            files.close()
