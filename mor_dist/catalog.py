@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from mor_dist.errors import ConfigError
-from mor_dist.location import Location, Where, locate
+from mor_dist.location import Location, Where, local_cache, locate
 
 MANIFEST = "manifest.rank{}.json"
 KEEP = "KEEP"  # a file in a checkpoint directory that retention respects; it holds the reason
@@ -242,16 +242,30 @@ def verify(directory: Where, warn: Callable[[str], None] = print) -> Optional[st
     return None if checked.status is Status.WHOLE else f"{directory}: {checked.problem}"
 
 
-def resolve_checkpoint(path: Path, warn: Callable[[str], None] = print) -> Path:
-    """A local checkpoint directory given directly, or a run directory's newest whole checkpoint (said on `warn`)."""
-    path = Path(path)
+def resolve_checkpoint(path: Where, warn: Callable[[str], None] = print) -> Path:
+    """A checkpoint directory given directly, or a run directory's newest whole checkpoint (said on `warn`), on this
+    machine: from an object store it is verified and downloaded once into the local cache."""
+    path = locate(path)
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory; give a run directory (runs/<name>) or one of its "
                           "checkpoint_* directories")
-    if not checkpoint_dirs(path):
-        return path  # a checkpoint itself (verified where it is read)
-    found = newest_whole(path, warn)
-    if found is None:
-        raise ConfigError(f"{path} has no whole checkpoint: {[c.describe for c in survey(path, warn=warn)]}")
-    warn(f"using {found.path} (step {found.step}), the newest whole checkpoint of {path}")
-    return found.path.local
+    if checkpoint_dirs(path):
+        found = newest_whole(path, warn)
+        if found is None:
+            raise ConfigError(f"{path} has no whole checkpoint: {[c.describe for c in survey(path, warn=warn)]}")
+        warn(f"using {found.path} (step {found.step}), the newest whole checkpoint of {path}")
+        path = found.path
+    return path.local if path.is_local else _downloaded(path, warn)  # a local one is verified where it is read
+
+
+def _downloaded(checkpoint: Location, warn: Callable[[str], None]) -> Path:
+    """A whole checkpoint of an object store, copied once into `<local cache>/checkpoints/<scheme>/<path>`."""
+    target = local_cache() / "checkpoints" / checkpoint.scheme / checkpoint.path
+    if not target.is_dir():
+        problem = verify(checkpoint, warn)
+        if problem is not None:
+            raise ConfigError(problem)
+        staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        checkpoint.download(staging)
+        staging.rename(target)
+    return target

@@ -146,7 +146,7 @@ class Location:
 
     def download(self, local: Path) -> None:
         """Copy a file or directory here to a local path."""
-        local.parent.mkdir(parents=True, exist_ok=True)
+        (local if self.is_dir() else local.parent).mkdir(parents=True, exist_ok=True)
         pafs.copy_files(self.path, str(local), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
 
     def upload(self, local: Path) -> None:
@@ -155,6 +155,11 @@ class Location:
 
 
 Where = Union[str, Path, Location]
+
+
+def local_cache() -> Path:
+    """This machine's cache for copies out of object stores ($XDG_CACHE_HOME/mor-dist, default ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mor-dist"
 
 
 def locate(where: Where) -> Location:

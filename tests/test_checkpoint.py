@@ -255,6 +255,14 @@ def test_a_run_in_an_object_store_checkpoints_recovers_and_resumes(reference_los
     assert run.data.tags["checkpoint.step"] == "8" and run.data.tags["checkpoint.path"].startswith(f"s3://{run_dir.path}/")
     assert verify(run.data.tags["checkpoint.path"]) is None
 
+    # The tools take the bucket's run directory too: its newest whole checkpoint, downloaded once.
+    exported = subprocess.run([sys.executable, "jobs/export.py", str(run_dir), str(tmp_path / "model.pt")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "the newest whole checkpoint of s3://" in exported.stderr and "step 8" in exported.stdout
+    (copy,) = (tmp_path / "node-cache" / "mor-dist" / "checkpoints" / "s3").rglob("checkpoint_000008_*")
+    assert verify(copy) is None and torch.load(tmp_path / "model.pt", weights_only=False)["step"] == 8
+
 
 def test_prepared_data_in_an_object_store_reaches_another_node(prepared, s3_uri, tmp_path, monkeypatch):
     """The driver's prepared data, shared through the bucket, arrives whole in a node's own cache, once."""

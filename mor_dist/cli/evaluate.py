@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mor_dist.cmdline import command, non_negative_int, positive_int
+from mor_dist.cmdline import checkpoint_path, command, non_negative_int, positive_int
 
 
 @command
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jobs/evaluate.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", type=Path, help="run directory, checkpoint directory, exported file or HF folder")
+    parser.add_argument("source", type=checkpoint_path,
+                        help="run directory or checkpoint directory (a path or a URI), exported file or HF folder")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, or 'paper'")
     parser.add_argument("--num-fewshot", type=non_negative_int, default=None, help="default: each task's own")
     parser.add_argument("--limit", type=positive_int, default=None, help="at most this many documents per task")

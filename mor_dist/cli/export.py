@@ -10,15 +10,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mor_dist.cmdline import command
+from mor_dist.cmdline import checkpoint_path, command
 
 
 @command
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jobs/export.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path,
-                        help="a run directory (runs/<name>: its newest whole checkpoint) or one of its checkpoint_* directories")
+    parser.add_argument("checkpoint", type=checkpoint_path,
+                        help="a run directory (runs/<name>: its newest whole checkpoint) or one of its checkpoint_* "
+                             "directories, as a path or a URI (s3://...)")
     parser.add_argument("out", type=Path, help="the file (.pt) or, with --format hf, the new folder to write")
     parser.add_argument("--format", choices=("pt", "hf"), default="pt", help="pt: one file; hf: a Hugging Face folder")
     args = parser.parse_args(argv)

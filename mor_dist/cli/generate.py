@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from mor_dist.cmdline import non_negative_float, non_negative_int, positive_int
-from mor_dist.cmdline import command
+from mor_dist.cmdline import checkpoint_path, command
 from mor_dist.config import load_config
 from mor_dist.errors import ConfigError
 
@@ -20,9 +20,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="jobs/generate.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", help="text to continue ('' starts from the end-of-text token)")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="a run directory (its newest whole checkpoint), a checkpoint_* directory, or a file "
-                             "jobs/export.py wrote; its config is used")
+    parser.add_argument("--checkpoint", type=checkpoint_path, default=None,
+                        help="a run directory (its newest whole checkpoint) or a checkpoint_* directory (a path or a "
+                             "URI), or a file jobs/export.py wrote; its config is used")
     parser.add_argument("--config", type=Path, default=None, help="YAML config of a fresh model (default: tiny)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 is greedy")

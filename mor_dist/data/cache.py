@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from mor_dist.location import Location, locate
+from mor_dist.location import Location, local_cache, locate
 
 MANIFEST = "manifest.json"
 FORMAT = 1  # bump when the layout or the packing rule changes
@@ -52,7 +51,7 @@ def cache_root(storage: Location) -> Path:
     """Where the driver prepares data: beside the runs on a filesystem, else this node's own cache."""
     if storage.is_local:
         return storage.local / "cache"
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "mor-dist" / "data"
+    return local_cache() / "data"
 
 
 def share(entry: Path, storage: Location) -> str:
