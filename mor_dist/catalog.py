@@ -15,6 +15,7 @@ import enum
 import errno
 import json
 import os
+import shutil
 import time
 import zlib
 from dataclasses import dataclass
@@ -118,18 +119,23 @@ def _damaged(directory: Location, manifest: dict[str, Any], problem: str) -> Che
 def inspect(directory: Where, warn: Callable[[str], None] = print, deep: bool = True) -> Checkpoint:
     """Classify a checkpoint directory; deep=False checks only that every rank's manifest is there."""
     directory = locate(directory)
-    mtime = directory.mtime() if directory.exists() else 0.0
+
+    def written() -> float:  # only without rank 0's saved_at: in an object store it lists the directory's files
+        return directory.mtime() if directory.exists() else 0.0
+
     first = directory / MANIFEST.format(0)
     head: dict[str, Any] = {}
     try:
         if not first.is_file():
             return Checkpoint(directory, Status.PARTIAL, f"no {first.name}: it was not completely written",
-                              None, mtime, None)
+                              None, written(), None)
         try:
             head = read_manifest(directory, 0, warn)
         except ValueError as err:
-            return Checkpoint(directory, Status.DAMAGED, f"{first.name} is not valid JSON ({err})", None, mtime, None)
-        head.setdefault("saved_at", mtime)
+            return Checkpoint(directory, Status.DAMAGED, f"{first.name} is not valid JSON ({err})", None, written(),
+                              None)
+        if "saved_at" not in head:
+            head["saved_at"] = written()
         for rank in range(head.get("world_size", 1)):
             if not (directory / MANIFEST.format(rank)).is_file():
                 return Checkpoint(directory, Status.PARTIAL, f"lacks {MANIFEST.format(rank)}: rank {rank} did not "
@@ -154,7 +160,7 @@ def inspect(directory: Where, warn: Callable[[str], None] = print, deep: bool = 
         return Checkpoint(directory, Status.WHOLE, None, head.get("step"), head["saved_at"], head.get("launch"))
     except ReadFailed as err:
         return Checkpoint(directory, Status.UNREADABLE, f"storage could not read it ({err.strerror}); it is kept, "
-                          "try again when the storage recovers", head.get("step"), head.get("saved_at", mtime),
+                          "try again when the storage recovers", head.get("step"), head.get("saved_at") or written(),
                           head.get("launch"))
 
 
@@ -259,13 +265,11 @@ def resolve_checkpoint(path: Where, warn: Callable[[str], None] = print) -> Path
 
 
 def _downloaded(checkpoint: Location, warn: Callable[[str], None]) -> Path:
-    """A whole checkpoint of an object store, copied once into `<local cache>/checkpoints/<scheme>/<path>`."""
-    target = local_cache() / "checkpoints" / checkpoint.scheme / checkpoint.path
-    if not target.is_dir():
-        problem = verify(checkpoint, warn)
-        if problem is not None:
-            raise ConfigError(problem)
-        staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
-        checkpoint.download(staging)
-        staging.rename(target)
-    return target
+    """A checkpoint of an object store copied once into `<local cache>/checkpoints/<scheme>/<path>`, then verified
+    there (each byte crosses the network once); a copy that is not whole is removed and refused."""
+    local = checkpoint.copy_once(local_cache() / "checkpoints" / checkpoint.scheme / checkpoint.path)
+    problem = verify(local, warn)
+    if problem is not None:
+        shutil.rmtree(local, ignore_errors=True)
+        raise ConfigError(problem.replace(str(local), str(checkpoint)))
+    return local

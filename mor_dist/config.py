@@ -15,6 +15,7 @@ import yaml
 
 from mor_dist.errors import ConfigError
 from mor_dist.layout import Layout, derive_layout, padded_vocab_size
+from mor_dist.location import check_uri
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "tiny_mor.yaml"
@@ -408,16 +409,12 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")  # what pyarrow.fs opens by URI
-
-
 def _validate_storage(storage_path: str) -> None:
-    """A directory or a URI pyarrow.fs opens (as Ray Train does): another scheme would otherwise become a local
-    folder named after it (`./foo:/bucket`)."""
-    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", storage_path)
-    if scheme is not None and scheme.group(1).lower() not in STORAGE_SCHEMES:
-        raise ConfigError(f"run.storage_path={storage_path}: pyarrow cannot open {scheme.group(1)}:// URIs; give a "
-                          f"directory or a URI of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+    """A directory, or a URI of an object store pyarrow.fs opens (as Ray Train does)."""
+    try:
+        check_uri(storage_path)
+    except ConfigError as err:
+        raise ConfigError(f"run.storage_path={err}") from None
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@,-]{0,199}")

@@ -155,8 +155,9 @@ def launch(cfg: JobConfig, resume_from: Optional[Where] = None, start_over: bool
 
     storage, run_dir = run_paths(cfg)
     check_writable(storage)
-    if cfg.tracking.enabled:
-        tracking_uri(cfg, run_dir)  # refuses MLflow's default sqlite store in an object store, before any work
+    # Resolved once, here: it refuses MLflow's default sqlite store in an object store before any work, and the
+    # workers get it as it is (MLFLOW_TRACKING_URI may be set on the driver only).
+    uri = tracking_uri(cfg, run_dir) if cfg.tracking.enabled else None
     if remote:
         phase(f"joining the Ray cluster at {os.environ['RAY_ADDRESS']}")
     resources = connect_ray() if remote else local_resources(cfg)  # joining a cluster is cheap; starting one is not
@@ -177,7 +178,7 @@ def launch(cfg: JobConfig, resume_from: Optional[Where] = None, start_over: bool
     else:
         prune(run_dir, cfg.run.keep_checkpoints, [start.checkpoint])  # partial ones older than a whole one
     if cfg.tracking.enabled:
-        phase(f"MLflow: experiment '{cfg.tracking.experiment}' at {tracking_uri(cfg, run_dir)}")
+        phase(f"MLflow: experiment '{cfg.tracking.experiment}' at {uri}")
         prepare_experiment(cfg, run_dir)
     if not remote:
         phase(f"starting Ray: a local cluster with {int(resources['CPU'])} CPUs")
@@ -195,6 +196,7 @@ def launch(cfg: JobConfig, resume_from: Optional[Where] = None, start_over: bool
         "on_cuda": on_cuda,
         "resume_from": str(start.checkpoint) if start.checkpoint else None,
         "launch": uuid.uuid4().hex[:12],
+        "tracking_uri": uri,
         "launch_time": time.time(),
         "keep_checkpoints": cfg.run.keep_checkpoints,
     }
@@ -228,9 +230,9 @@ def launch(cfg: JobConfig, resume_from: Optional[Where] = None, start_over: bool
     finally:
         remove_local_copies(payload["launch"])  # what this node's killed workers left
     checkpoint = run_dir / Path(result.checkpoint.path).name if result.checkpoint is not None else None
-    uri = tracking_uri(cfg, run_dir) if cfg.tracking.enabled else ""
     run_id = None
     if checkpoint is not None and checkpoint.is_dir() and (final := read_manifest(checkpoint)).get("run_id"):
         run_id = final["run_id"]
         tag_checkpoint(uri, run_id, checkpoint, final["step"])
-    return LaunchResult(run_dir, str(checkpoint) if checkpoint else None, uri, dict(result.metrics or {}), run_id)
+    return LaunchResult(run_dir, str(checkpoint) if checkpoint else None, uri or "", dict(result.metrics or {}),
+                        run_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,38 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from mor_dist.errors import ConfigError
+
 SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+# Object stores whose pyarrow path is the whole address (`s3://bucket/key` <-> path `bucket/key`), so that a
+# location's string opens the same place in another process; hdfs:// and abfs:// keep a host or account aside.
+OBJECT_STORES = ("s3", "gs", "gcs")
+
+
+def uri_scheme(text: str) -> str | None:
+    """The scheme of a URI (`s3`, `file`, ...), None for a plain path."""
+    found = SCHEME.match(text)
+    return found.group(1).lower() if found else None
 
 
 def is_uri(text: str) -> bool:
     """Whether `text` names a filesystem by scheme (`file://` included), not a plain path."""
-    return SCHEME.match(text) is not None
+    return uri_scheme(text) is not None
+
+
+def check_uri(text: str) -> None:
+    """Refuse a URI we cannot carry to other processes intact: another scheme, or credentials in it (they would be
+    printed, logged to MLflow and stored in every checkpoint)."""
+    scheme = uri_scheme(text)
+    if scheme is None or scheme == "file":
+        return
+    if scheme not in OBJECT_STORES:
+        raise ConfigError(f"{text}: {scheme}:// is not supported; give a directory (a shared volume: NFS, a "
+                          f"PersistentVolumeClaim) or a URI of {', '.join(s + '://' for s in OBJECT_STORES)}")
+    if "@" in urlsplit(text).netloc:
+        raise ConfigError(f"{scheme}://...@...: credentials do not belong in the URI (it is printed and logged); give "
+                          "them by environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) "
+                          "or the platform's identity")
 
 
 @dataclass(frozen=True)
@@ -54,11 +81,17 @@ class Location:
     def __truediv__(self, name: str) -> Location:
         return Location(self.fs, f"{self.path.rstrip('/')}/{name}", self.scheme, self.query)
 
+    @property
+    def identity(self) -> tuple[str, str]:
+        """What it is, however it was written: the real path (symlinks followed) of a local location; scheme and
+        path in an object store (the URI's options only say how to reach it)."""
+        return (self.scheme, self.path if self.scheme else os.path.realpath(self.path))
+
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Location) and str(self) == str(other)
+        return isinstance(other, Location) and self.identity == other.identity
 
     def __hash__(self) -> int:
-        return hash(str(self))
+        return hash(self.identity)
 
     @property
     def name(self) -> str:
@@ -130,7 +163,9 @@ class Location:
         self.fs.create_dir(self.path, recursive=True)
 
     def remove(self) -> None:
-        """Delete a file or a whole directory."""
+        """Delete a file or a whole directory (not through a local symlink: what it points to is not ours)."""
+        if self.is_local and os.path.islink(self.path):
+            raise IsADirectoryError(f"{self.path} is a symlink; not deleted")
         if self.is_dir():
             self.fs.delete_dir(self.path)
         else:
@@ -153,6 +188,23 @@ class Location:
         """Copy a local file or directory to here."""
         pafs.copy_files(str(local), self.path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 
+    def copy_once(self, target: Path) -> Path:
+        """This directory on this machine at `target`, downloaded once: concurrent callers (a node's workers) wait on
+        a file lock and reuse it, and a copy appears only whole (downloaded beside it, then renamed). Ray's
+        Checkpoint.as_directory would download once per worker: its temporary folder is per object."""
+        from filelock import FileLock
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(target.parent / f".{target.name}.lock")):
+            if not target.is_dir():
+                staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+                try:
+                    self.download(staging)
+                    staging.rename(target)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+        return target
+
 
 Where = Union[str, Path, Location]
 
@@ -167,11 +219,12 @@ def locate(where: Where) -> Location:
     if isinstance(where, Location):
         return where
     text = str(where)
-    if not is_uri(text):
-        return Location(pafs.LocalFileSystem(), str(Path(text).expanduser().resolve()))
+    if not is_uri(text):  # absolute, symlinks kept: a run directory's parent stays the storage it was named under
+        return Location(pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text)))
+    check_uri(text)
     fs, path = pafs.FileSystem.from_uri(text)
     if fs.type_name == "local":
-        return Location(fs, str(Path(path).resolve()))
+        return Location(fs, os.path.abspath(path))
     parts = urlsplit(text)
-    return Location(fs, path.rstrip("/"), parts.scheme, parts.query)
+    return Location(fs, path.rstrip("/"), parts.scheme.lower(), parts.query)
 

@@ -247,7 +247,7 @@ def test_a_run_in_an_object_store_checkpoints_recovers_and_resumes(reference_los
     (entry,) = (storage / "cache").children()
     assert (entry / "manifest.json").is_file() and (entry / "train.npy").is_file()
     launch_id = (run_dir / "launch").read_text().strip()
-    assert list(Path(tempfile.gettempdir()).glob(f"mor-ckpt-{launch_id}-*")) == []
+    assert list(Path(tempfile.gettempdir()).glob(f"*mor-ckpt-{launch_id}-*")) == []  # lock files included
 
     from mlflow import MlflowClient
 

@@ -86,7 +86,9 @@ def test_presets_inherit():
     (["run.name=/abs"], "run.name='/abs' must be"),
     ([f"run.name={'n' * 256}"], "must be 1-200 characters"),
     ([f"data.dataset={'d' * 256}"], "has a part longer than 255 characters"),
-    (["run.storage_path=ftp://host/runs"], "run.storage_path=ftp://host/runs: pyarrow cannot open ftp:// URIs"),
+    (["run.storage_path=ftp://host/runs"], "run.storage_path=ftp://host/runs: ftp:// is not supported"),
+    (["run.storage_path=hdfs://namenode:8020/runs"], "hdfs:// is not supported; give a directory"),
+    (["run.storage_path=s3://KEY:SECRET@bucket/runs"], "credentials do not belong in the URI"),
 ])
 def test_bad_values_name_the_key(overrides, needle):
     with pytest.raises(ConfigError) as err:

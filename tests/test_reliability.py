@@ -71,6 +71,53 @@ def test_retention_keeps_the_newest_the_protected_and_the_evidence(tmp_path, sto
     assert prune(run, keep_newest=2, protect=[run / "checkpoint_2"], since=1005.5) == [run / "checkpoint_new_partial"]
 
 
+def test_a_location_is_what_it_names_not_how_it_is_written(tmp_path, s3_uri):
+    """The URI's options in another order name the same place; a symlinked run directory is the directory it
+    points to (so --resume-from through the link is still protected), and the MLflow store the workers derive from
+    the run directory's text is the driver's."""
+    from mor_dist.tracking.experiment import tracking_uri
+
+    base, query = s3_uri.split("?")
+    reordered = "&".join(reversed(query.split("&")))
+    assert locate(f"{base}/r?{query}") == locate(f"{base}/r?{reordered}") != locate(f"{base}/q?{query}")
+    with pytest.raises(ConfigError) as err:
+        locate(base.replace("s3://", "s3://AKIA1:hunter2@"))
+    assert "credentials do not belong in the URI" in str(err.value) and "hunter2" not in str(err.value)
+
+    real = tmp_path / "elsewhere" / "r"
+    for step in (1, 2, 3):
+        fake_checkpoint(real / f"checkpoint_{step}", step, 1000.0 + step)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "r").symlink_to(real)
+    cfg = load_config(None, CPU_ONLY + ["run.name=r", f"run.storage_path={tmp_path / 'runs'}"])
+    run_dir = locate(tmp_path / "runs") / "r"
+    start = choose_start(cfg, run_dir, tmp_path / "runs" / "r" / "checkpoint_1", False)
+    assert (real / "checkpoint_1" / KEEP).is_file()  # resumed from explicitly: exempt from retention
+    assert prune(run_dir, 1, [start.checkpoint]) == [run_dir / "checkpoint_2"] and (real / "checkpoint_1").is_dir()
+    assert tracking_uri(cfg, locate(str(run_dir))) == tracking_uri(cfg, run_dir) == \
+        f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}"
+
+
+def test_a_directory_is_downloaded_once_however_many_ask(s3_uri, tmp_path, monkeypatch):
+    """A node's workers asking at once for the same checkpoint share one download, and the copy is whole."""
+    import threading
+
+    built = tmp_path / "ckpt"
+    fake_checkpoint(built / "checkpoint_1", 1, 1000.0)
+    run = stored(built, locate(s3_uri))
+    downloads: list[str] = []
+    real = Location.download
+    monkeypatch.setattr(Location, "download", lambda self, local: downloads.append(self.path) or real(self, local))
+    target = tmp_path / "node" / "checkpoint_1"
+    threads = [threading.Thread(target=(run / "checkpoint_1").copy_once, args=(target,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(downloads) == 1 and inspect(target).status is Status.WHOLE
+    assert [p.name for p in target.parent.iterdir() if not p.name.endswith(".lock")] == ["checkpoint_1"]
+
+
 def test_transient_read_errors_are_retried_and_never_taken_for_corruption(tmp_path, monkeypatch):
     run = tmp_path / "run"
     good = fake_checkpoint(run / "checkpoint_a", 2, 1000.0)

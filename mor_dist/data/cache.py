@@ -68,19 +68,6 @@ def share(entry: Path, storage: Location) -> str:
 
 def fetch(where: str) -> Path:
     """A prepared entry on this node: the directory itself, or a copy downloaded once into the local cache (the
-    node's workers share it; a lock keeps them from downloading it twice)."""
-    from filelock import FileLock
-
+    node's workers share it)."""
     source = locate(where)
-    if source.is_local:
-        return source.local
-    root = cache_root(source.parent.parent)
-    local = root / source.name
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{source.name}.lock")):
-        if read_manifest(local) is None:
-            staging = staging_directory(root, source.name)
-            for item in source.children():
-                item.download(staging / item.name)
-            publish(staging, local, json.loads((staging / MANIFEST).read_text()))
-    return local
+    return source.local if source.is_local else source.copy_once(cache_root(source.parent.parent) / source.name)

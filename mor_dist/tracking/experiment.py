@@ -33,7 +33,7 @@ def tracking_uri(cfg: JobConfig, run_dir: Where) -> str:
         raise ConfigError(f"run.storage_path={cfg.run.storage_path} is an object store, and MLflow's default sqlite "
                           "store needs a filesystem; set tracking.uri (your MLflow server, e.g. "
                           "tracking.uri=http://mlflow:5000) or MLFLOW_TRACKING_URI, or tracking.enabled=false")
-    return f"sqlite:///{storage.local / 'mlflow.db'}"
+    return f"sqlite:///{(storage.local / 'mlflow.db').resolve()}"
 
 
 def artifact_location(uri: str, run_dir: Where) -> Optional[str]:

@@ -74,8 +74,9 @@ class Tracker:
 
     def __init__(self, cfg: JobConfig, run_dir: Path, run_id: Optional[str], vocab_size: int, hosts: int = 1,
                  start_step: int = 0, launch: Optional[str] = None, tags: Optional[dict[str, str]] = None,
-                 dataset: Optional[dict[str, Any]] = None) -> None:
-        """`tags`: the launch's (source, MFU peak); `dataset`: the prepared data's manifest, logged as the input."""
+                 dataset: Optional[dict[str, Any]] = None, uri: Optional[str] = None) -> None:
+        """`tags`: the launch's (source, MFU peak); `dataset`: the prepared data's manifest, logged as the input;
+        `uri`: the MLflow store (default: resolved from cfg)."""
         self.cfg = cfg
         self.launch_tags = tags or {}
         self.dataset = dataset
@@ -89,7 +90,7 @@ class Tracker:
         self._local_last = _last_local_steps(self.local)
         self._last: dict[str, int] = {}
         self.run_id: Optional[str] = run_id
-        self.uri = tracking_uri(cfg, run_dir)
+        self.uri = uri or tracking_uri(cfg, run_dir)
         self._client: Any = None
         if not cfg.tracking.enabled:
             return

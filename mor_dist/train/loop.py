@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -66,6 +65,7 @@ class Hooks:
     tags: dict[str, str] = field(default_factory=dict)  # the launch's MLflow tags (source, commit), from the driver
     dataset: Optional[dict[str, Any]] = None  # the prepared data's manifest, logged as the run's input
     loaded: Callable[[], None] = lambda: None  # called once the checkpoint is loaded (a downloaded copy can go)
+    tracking_uri: Optional[str] = None  # the MLflow store the driver chose (None: resolved here, from cfg)
 
 
 def peak_memory_gib() -> float:
@@ -181,12 +181,13 @@ def train(cfg: JobConfig, data_dir: Path, vocab_size: int, run_dir: Path, on_cud
     logging_rank = hooks.world_rank == 0
     hosts = host_count()
     peak = device_peak(on_cuda, t.precision)
+    uri = hooks.tracking_uri or tracking_uri(cfg, run_dir)
     tracker = Tracker(cfg, run_dir, run_id, vocab_size, hosts, step, hooks.launch, {**hooks.tags, **peak.tags()},
-                      hooks.dataset) if logging_rank else None
+                      hooks.dataset, uri) if logging_rank else None
     run_id = _broadcast(tracker.run_id if tracker else None)  # checkpoints' common state must agree
     monitor = None
     if hooks.local_rank == 0 and cfg.tracking.enabled:
-        monitor = start_node_monitor(tracking_uri(cfg, run_dir), run_id, cfg.tracking.system_metrics_interval,
+        monitor = start_node_monitor(uri, run_id, cfg.tracking.system_metrics_interval,
                                      hooks.node_rank)
     progress = Progress(t.steps, step)
     flops_per_token = forward_flops_per_token(cfg, vocab_size).training
@@ -260,6 +261,35 @@ def _start_point(run_dir: Location, payload: dict[str, Any], restarted: bool) ->
     return start
 
 
+def _local_start(start: Optional[str], launch: str, local_rank: int) -> tuple[Optional[Path], Callable[[], None]]:
+    """The start checkpoint on this node and what to do once it is loaded: a local one is read in place; one in an
+    object store is downloaded once per node and removed by the node's first worker after every rank loaded it."""
+    if not start:
+        return None, lambda: None
+    where = locate(start)
+    if where.is_local:
+        return where.local, lambda: None
+    folder = Path(tempfile.gettempdir()) / f"{LOCAL_CHECKPOINT_PREFIX}{launch}-start"  # the copy and its lock
+    local = where.copy_once(folder / where.name)
+
+    def loaded() -> None:
+        dist.barrier()
+        if local_rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    return local, loaded
+
+
+def _publish(files: RunFiles, close: bool = False) -> None:
+    """Upload the run's files (and with `close`, drop the local copy); a storage hiccup only warns: the next
+    checkpoint uploads them again, and a lost worker would cost one of run.max_failures."""
+    try:
+        files.close() if close else files.publish()
+    except OSError as err:
+        print(f"warning: the run's files did not reach {files.run_dir} ({err}); trying again at the next "
+              "checkpoint", flush=True)
+
+
 def ray_worker(payload: dict[str, Any]) -> None:
     """TorchTrainer entry point: unpack the payload, bind the loop to ray.train."""
     import ray.train
@@ -295,21 +325,16 @@ def ray_worker(payload: dict[str, Any]) -> None:
                 raise storage_full(run_dir.local, int(metrics["step"])) from err
             raise
         if directory is not None and context.get_world_rank() == 0:
-            files.publish()  # the run's files as of this checkpoint
+            _publish(files)  # the run's files as of this checkpoint
 
     logging = context.get_world_rank() == 0
-    run_files = files.pull() if logging else files.local
-    download = contextlib.ExitStack()
+    local_start, loaded = _local_start(start, launch, context.get_local_rank())
+    hooks = Hooks(context.get_world_rank(), report, lambda step: local_checkpoint_dir(launch, step), local_start,
+                  launch, context.get_local_rank(), context.get_node_rank(), payload["tags"], payload["dataset"],
+                  loaded, payload["tracking_uri"])
     try:
-        local_start = None
-        if start:  # from an object store: one download per node, removed once the node's workers have loaded it
-            where = locate(start)
-            local_start = Path(download.enter_context(ray.train.Checkpoint(where.path, where.fs).as_directory()))
-        hooks = Hooks(context.get_world_rank(), report, lambda step: local_checkpoint_dir(launch, step),
-                      local_start, launch, context.get_local_rank(), context.get_node_rank(), payload["tags"],
-                      payload["dataset"], loaded=download.close)
-        train(cfg, fetch(payload["data_dir"]), payload["vocab_size"], run_files, on_cuda, hooks)
+        train(cfg, fetch(payload["data_dir"]), payload["vocab_size"], files.pull() if logging else files.local,
+              on_cuda, hooks)
     finally:
-        download.close()
         if logging:
-            files.close()
+            _publish(files, close=True)
