@@ -44,13 +44,13 @@ def check_uri(text: str) -> None:
     scheme = uri_scheme(text)
     if scheme is None or scheme == "file":
         return
-    if scheme not in OBJECT_STORES:
-        raise ConfigError(f"{text}: {scheme}:// is not supported; give a directory (a shared volume: NFS, a "
-                          f"PersistentVolumeClaim) or a URI of {', '.join(s + '://' for s in OBJECT_STORES)}")
-    if "@" in urlsplit(text).netloc:
+    if "@" in urlsplit(text).netloc:  # checked first: the message must not repeat them
         raise ConfigError(f"{scheme}://...@...: credentials do not belong in the URI (it is printed and logged); give "
                           "them by environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS) "
                           "or the platform's identity")
+    if scheme not in OBJECT_STORES:
+        raise ConfigError(f"{text}: {scheme}:// is not supported; give a directory (a shared volume: NFS, a "
+                          f"PersistentVolumeClaim) or a URI of {', '.join(s + '://' for s in OBJECT_STORES)}")
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def local_cache() -> Path:
 
 
 def locate(where: Where) -> Location:
-    """A location from a local path, a `file://` URI or any URI pyarrow opens (its options kept)."""
+    """A location from a local path, a `file://` URI or an object store's URI (its options kept)."""
     if isinstance(where, Location):
         return where
     text = str(where)

@@ -88,6 +88,7 @@ def test_presets_inherit():
     ([f"data.dataset={'d' * 256}"], "has a part longer than 255 characters"),
     (["run.storage_path=ftp://host/runs"], "run.storage_path=ftp://host/runs: ftp:// is not supported"),
     (["run.storage_path=hdfs://namenode:8020/runs"], "hdfs:// is not supported; give a directory"),
+    (["run.storage_path=hdfs://user:pw@namenode/runs"], "credentials do not belong in the URI"),
     (["run.storage_path=s3://KEY:SECRET@bucket/runs"], "credentials do not belong in the URI"),
 ])
 def test_bad_values_name_the_key(overrides, needle):
