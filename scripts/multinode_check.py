@@ -1,4 +1,5 @@
-"""Multi-node Ray on one machine: `python scripts/multinode_check.py [--layouts dp2 tp2pp2] [--out DIR]`.
+"""Multi-node Ray on one machine: `python scripts/multinode_check.py [--layouts dp2 tp2pp2] [--out DIR]
+[--object-store]`.
 
 For each layout it starts a real two-node Ray cluster here (`ray start --head` and a second
 `ray start --address ...` node, each with half of the job's CPUs, so Ray Train must place workers on
@@ -10,6 +11,11 @@ workers ran on both nodes, that the killed run said which checkpoint step it res
 continued at the step after it, and that every step's loss equals the uninterrupted run's. Exits 1
 on any failure. About 8 minutes on 2 cores; stops every Ray process on this machine (`ray stop`)
 before and after, so run it alone.
+
+With --object-store the runs live in a bucket of a local S3-compatible server (moto, started here)
+instead of a shared directory, as on a cluster without a shared volume: checkpoints, the run's files
+and the prepared data travel through the bucket. The run's files reach the bucket at checkpoints, so
+the node is lost after the first checkpoint past step 6, and the runs are longer to leave room for it.
 """
 
 from __future__ import annotations
@@ -30,12 +36,16 @@ from pathlib import Path
 from mlflow_screenshots import free_port
 from recovery_demo import interesting, losses, steps_logged
 
+from mor_dist.location import Location, locate
+
 ROOT = Path(__file__).resolve().parent.parent
 LAYOUTS = {"dp2": ["parallel.dp=2"], "tp2pp2": ["parallel.tp=2", "parallel.pp=2"]}
 CHECKPOINT_INTERVAL = 4
 COMMON = ["train.micro_batch_size=4", "train.steps=12", f"train.checkpoint_interval={CHECKPOINT_INTERVAL}", "train.log_interval=1", "train.eval_interval=-1",
           "train.decay_fraction=0", "run.max_failures=3"]
 KILL_AFTER_STEP = 6
+OBJECT_STORE_STEPS = ["train.steps=20"]  # the kill waits for a checkpoint's upload: leave steps after it
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true"}
 RESTART_AFTER_S = 5.0
 ENV = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONWARNINGS": "ignore",
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # the job's `python`
@@ -119,7 +129,7 @@ class Cluster:
                 pass
         return raylet
 
-    def submit(self, name: str, storage: Path, overrides: list[str]) -> subprocess.Popen:
+    def submit(self, name: str, storage: Path | Location, overrides: list[str]) -> subprocess.Popen:
         """`ray job submit` of jobs/pretrain.py (follows the job's logs until it ends)."""
         cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit",
                f"--address=http://127.0.0.1:{self.dashboard}", f"--working-dir={ROOT}", "--",
@@ -134,7 +144,7 @@ class Cluster:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def watch_and_kill(cluster: Cluster, run_dir: Path, notes: dict) -> None:
+def watch_and_kill(cluster: Cluster, run_dir: Path | Location, notes: dict) -> None:
     """When step KILL_AFTER_STEP is logged: note the workers' nodes, lose the second node, start it again."""
     while steps_logged(run_dir) < KILL_AFTER_STEP:
         notes["nodes_seen"] = max(notes.get("nodes_seen", 0), len(cluster.worker_nodes()))
@@ -146,9 +156,9 @@ def watch_and_kill(cluster: Cluster, run_dir: Path, notes: dict) -> None:
     notes["node_back_after_s"] = time.time() - notes["killed_at"]
 
 
-def run_layout(layout: str, out: Path) -> list[str]:
+def run_layout(layout: str, out: Path | Location, extra: list[str]) -> list[str]:
     """Reference and killed runs of one layout on a fresh two-node cluster; the problems found."""
-    overrides = LAYOUTS[layout]
+    overrides = LAYOUTS[layout] + extra
     world = 4 if layout == "tp2pp2" else 2
     cluster = Cluster(world // 2)
     problems: list[str] = []
@@ -196,12 +206,49 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layouts", nargs="+", choices=sorted(LAYOUTS), default=["dp2", "tp2pp2"])
     parser.add_argument("--out", type=Path, default=None, help="run storage (default: a new temporary directory)")
+    parser.add_argument("--object-store", action="store_true",
+                        help="keep the runs in a bucket of a local S3-compatible server (moto) instead of --out")
     args = parser.parse_args()
     out = (args.out or Path(tempfile.mkdtemp(prefix="multinode-"))).resolve()
-    print(f"# command: python scripts/multinode_check.py --layouts {' '.join(args.layouts)} --out {out}\n")
-    problems = [p for layout in args.layouts for p in run_layout(layout, out)]
+    store = " --object-store" if args.object_store else ""
+    print(f"# command: python scripts/multinode_check.py --layouts {' '.join(args.layouts)} --out {out}{store}\n")
+    server = None
+    storage: Path | Location = out
+    extra: list[str] = []
+    if args.object_store:
+        server, storage = start_bucket()
+        extra = OBJECT_STORE_STEPS + [f"tracking.uri=sqlite:///{out / 'mlflow.db'}"]  # sqlite cannot live in a bucket
+        print(f"runs in {storage}\n")
+    try:
+        problems = [p for layout in args.layouts for p in run_layout(layout, storage, extra)]
+    finally:
+        if server is not None:
+            server.terminate()
     print("\n".join(problems) if problems else "every layout recovered with the uninterrupted run's losses")
     return 1 if problems else 0
+
+
+def start_bucket() -> tuple[subprocess.Popen, Location]:
+    """A local S3-compatible server (moto) with one bucket; its credentials reach every Ray node through ENV."""
+    import pyarrow.fs as pafs
+
+    ENV.update(S3_CREDENTIALS)
+    os.environ.update(S3_CREDENTIALS)
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.time() + 60
+    while True:
+        try:
+            pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", region="us-east-1",
+                              allow_bucket_creation=True).create_dir("multinode")
+            break
+        except OSError:
+            if time.time() > deadline:
+                server.terminate()
+                raise SystemExit(f"the local S3 server on port {port} did not start")
+            time.sleep(0.5)
+    return server, locate(f"s3://multinode/runs?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1")
 
 
 if __name__ == "__main__":
