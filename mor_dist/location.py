@@ -121,14 +121,20 @@ class Location:
         info = self.info()
         return info.size if info.type == pafs.FileType.File else 0
 
+    def _listing(self, recursive: bool) -> list[pafs.FileInfo]:
+        """What is under a directory; nothing when it does not exist or is a file."""
+        try:
+            return self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True, recursive=recursive))
+        except NotADirectoryError:
+            return []
+
     def children(self) -> list[Location]:
         """What a directory holds (none when it does not exist), by name."""
-        listed = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        return sorted((self / Path(info.path).name for info in listed), key=lambda loc: loc.name)
+        return sorted((self / Path(info.path).name for info in self._listing(False)), key=lambda loc: loc.name)
 
     def files(self) -> dict[str, pafs.FileInfo]:
         """Every file under a directory, by path relative to it."""
-        listed = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True, recursive=True))
+        listed = self._listing(True)
         base = self.path.rstrip("/") + "/"
         return {info.path[len(base):]: info for info in listed if info.type == pafs.FileType.File}
 

@@ -15,7 +15,7 @@ from mor_dist.config import load_config
 from mor_dist.errors import ConfigError
 from mor_dist.resume import START_OVER, choose_start, start_fresh
 from mor_dist import catalog
-from mor_dist.catalog import KEEP, Status, checksum, inspect, prune, write_manifest
+from mor_dist.catalog import KEEP, Status, checkpoint_dirs, checksum, inspect, prune, write_manifest
 from mor_dist.location import Location, locate
 
 CPU_ONLY = ["train.steps=4", "train.warmup_steps=1", "tracking.enabled=false"]
@@ -80,6 +80,8 @@ def test_a_location_is_what_it_names_not_how_it_is_written(tmp_path, s3_uri):
     base, query = s3_uri.split("?")
     reordered = "&".join(reversed(query.split("&")))
     assert locate(f"{base}/r?{query}") == locate(f"{base}/r?{reordered}") != locate(f"{base}/q?{query}")
+    (tmp_path / "a_file").write_text("x")
+    assert checkpoint_dirs(tmp_path / "a_file") == [] and checkpoint_dirs(tmp_path / "absent") == []
     with pytest.raises(ConfigError) as err:
         locate(base.replace("s3://", "s3://AKIA1:hunter2@"))
     assert "credentials do not belong in the URI" in str(err.value) and "hunter2" not in str(err.value)
