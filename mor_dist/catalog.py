@@ -124,9 +124,10 @@ def inspect(directory: Where, warn: Callable[[str], None] = print, deep: bool = 
         return directory.mtime() if directory.exists() else 0.0
 
     first = directory / MANIFEST.format(0)
+    present = directory.files()  # one listing: in an object store a request per file would add up
     head: dict[str, Any] = {}
     try:
-        if not first.is_file():
+        if first.name not in present:
             return Checkpoint(directory, Status.PARTIAL, f"no {first.name}: it was not completely written",
                               None, written(), None)
         try:
@@ -137,12 +138,11 @@ def inspect(directory: Where, warn: Callable[[str], None] = print, deep: bool = 
         if "saved_at" not in head:
             head["saved_at"] = written()
         for rank in range(head.get("world_size", 1)):
-            if not (directory / MANIFEST.format(rank)).is_file():
+            if MANIFEST.format(rank) not in present:
                 return Checkpoint(directory, Status.PARTIAL, f"lacks {MANIFEST.format(rank)}: rank {rank} did not "
                                   "finish writing", head.get("step"), head["saved_at"], head.get("launch"))
         if not deep:
             return Checkpoint(directory, Status.WHOLE, None, head.get("step"), head["saved_at"], head.get("launch"))
-        present = directory.files()  # one listing, not a request per file
         for rank in range(head.get("world_size", 1)):
             try:
                 files = read_manifest(directory, rank, warn)["files"] if rank else head["files"]
@@ -166,7 +166,7 @@ def inspect(directory: Where, warn: Callable[[str], None] = print, deep: bool = 
 
 def checkpoint_dirs(run_dir: Where) -> list[Location]:
     """The `checkpoint_*` directories of a run directory."""
-    return [d for d in locate(run_dir).children() if d.name.startswith("checkpoint_") and d.is_dir()]
+    return [d for d in locate(run_dir).children(directories=True) if d.name.startswith("checkpoint_")]
 
 
 def survey(run_dir: Where, deep: bool = False, warn: Callable[[str], None] = print) -> list[Checkpoint]:

@@ -45,9 +45,11 @@ def first_causes(failures: dict[int, BaseException]) -> dict[int, BaseException]
     return primary or failures
 
 
-def newest_complete(run_dir: Where) -> Optional[Any]:
-    """The newest checkpoint whose every rank finished writing (manifests only; nothing re-read)."""
-    return next((c for c in survey(run_dir, warn=lambda _: None) if c.status is Status.WHOLE), None)
+def newest_complete(run_dir: Where, launch: Optional[str] = None) -> Optional[Any]:
+    """The newest checkpoint (of one launch, if given) whose every rank finished writing (manifests only; nothing
+    re-read)."""
+    return next((c for c in survey(run_dir, warn=lambda _: None)
+                 if c.status is Status.WHOLE and launch in (None, c.launch)), None)
 
 
 def failure_summary(err: BaseException, run_dir: Where) -> TrainingFailed:

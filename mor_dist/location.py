@@ -128,9 +128,11 @@ class Location:
         except NotADirectoryError:
             return []
 
-    def children(self) -> list[Location]:
-        """What a directory holds (none when it does not exist), by name."""
-        return sorted((self / Path(info.path).name for info in self._listing(False)), key=lambda loc: loc.name)
+    def children(self, directories: bool = False) -> list[Location]:
+        """What a directory holds (none when it does not exist; only its subdirectories with `directories`), by name,
+        from one listing."""
+        listed = [i for i in self._listing(False) if not directories or i.type == pafs.FileType.Directory]
+        return sorted((self / Path(info.path).name for info in listed), key=lambda loc: loc.name)
 
     def files(self) -> dict[str, pafs.FileInfo]:
         """Every file under a directory, by path relative to it."""

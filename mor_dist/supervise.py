@@ -6,8 +6,8 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from mor_dist.failures import cause, first_causes
-from mor_dist.catalog import Status, prune, survey
+from mor_dist.failures import cause, first_causes, newest_complete
+from mor_dist.catalog import prune
 from mor_dist.location import Location
 
 
@@ -33,8 +33,8 @@ class Supervisor(UserCallback):
         """Where the restarted workers start, as they choose it: the newest checkpoint this launch finished writing
         (from the manifests; the workers verify it), else the launch's start. Not the last report this callback saw:
         a worker group can write and upload a checkpoint and fail before its report reaches the controller."""
-        mine = [c for c in survey(self.run_dir, warn=lambda _: None) if c.status is Status.WHOLE and c.launch == self.launch]
-        return mine[0].step if mine else self.start_step
+        mine = newest_complete(self.run_dir, self.launch)
+        return mine.step if mine is not None else self.start_step
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         self.failures += 1
